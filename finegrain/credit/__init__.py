@@ -1,0 +1,16 @@
+"""Credit assignment: advantage estimators, registered by name in ``ADVANTAGES``.
+
+Every entry has one signature::
+
+    fn(token_rewards (B, L), loss_mask (B, L) bool, group_ids (B,) long, step_ids (B, L) long,
+       *, **hyperparameters) -> advantages (B, L)
+
+and is registered with ``consumes=`` the finest reward level it understands ('outcome', 'step'
+or 'token'); the trainer refuses to feed it finer rewards.
+"""
+
+from finegrain.registry import Registry
+
+ADVANTAGES = Registry("advantage estimator")
+
+from finegrain.credit import outcome, prime  # noqa: E402,F401  (registers entries)

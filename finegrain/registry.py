@@ -1,0 +1,75 @@
+"""One small registry class backs every open family (advantages, losses, rewards, ...).
+
+A registry maps a name to a callable plus metadata the trainer checks before running
+(for example ``consumes="outcome"`` on an advantage estimator). Registering a name twice
+raises; an unknown name raises with the list of valid ones.
+
+>>> R = Registry("colour")
+>>> @R.register("red", warm=True)
+... def red(): return "r"
+>>> R.get("red")()
+'r'
+>>> R.meta("red")["warm"]
+True
+>>> R.get("blue")
+Traceback (most recent call last):
+...
+KeyError: "unknown colour 'blue'; available: red"
+"""
+
+from __future__ import annotations
+
+import inspect
+from typing import Any, Callable
+
+
+class Registry:
+    """Name -> callable, with per-entry metadata. One instance per family."""
+
+    def __init__(self, family: str):
+        self.family = family
+        self._entries: dict[str, Callable[..., Any]] = {}
+        self._meta: dict[str, dict[str, Any]] = {}
+
+    def register(self, name: str, **meta: Any) -> Callable[[Callable[..., Any]], Callable[..., Any]]:
+        """Decorator: ``@REG.register("name", consumes="outcome")``. A duplicate name raises."""
+
+        def deco(fn: Callable[..., Any]) -> Callable[..., Any]:
+            if name in self._entries:
+                raise ValueError(f"{self.family} '{name}' is registered twice")
+            self._entries[name] = fn
+            self._meta[name] = dict(meta)
+            return fn
+
+        return deco
+
+    def get(self, name: str) -> Callable[..., Any]:
+        if name not in self._entries:
+            raise KeyError(f"unknown {self.family} '{name}'; available: {', '.join(self.names())}")
+        return self._entries[name]
+
+    def meta(self, name: str) -> dict[str, Any]:
+        self.get(name)
+        return self._meta[name]
+
+    def names(self) -> list[str]:
+        return sorted(self._entries)
+
+    def __contains__(self, name: str) -> bool:
+        return name in self._entries
+
+    def check_kwargs(self, name: str, kwargs: dict[str, Any], where: str) -> None:
+        """Raise one clear line if ``kwargs`` holds a key the entry's keyword-only params lack.
+
+        ``where`` names the config field, e.g. ``advantage.kwargs``.
+        """
+        fn = self.get(name)
+        target = fn.__init__ if inspect.isclass(fn) else fn
+        params = inspect.signature(target).parameters
+        allowed = [p for p, v in params.items() if v.kind == inspect.Parameter.KEYWORD_ONLY]
+        for key in kwargs:
+            if key not in allowed:
+                raise ValueError(
+                    f"{where}: unknown key '{key}' for {self.family} '{name}'; "
+                    f"allowed: {', '.join(allowed) or '(none)'}"
+                )
