@@ -101,3 +101,70 @@ def reverse_cumsum(x: torch.Tensor, gamma: float = 1.0) -> torch.Tensor:
         running = x[:, t] + gamma * running
         out[:, t] = running
     return out
+
+
+def masked_max(x: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """Largest included entry (a 0-dim tensor); 0 when nothing is included. NaN under a False
+    mask is ignored."""
+    if not bool(mask.any()):
+        return torch.zeros((), dtype=x.dtype, device=x.device)
+    return x[mask].max()
+
+
+def group_min_max(values: torch.Tensor, group_ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per-row min and max over the row's group. values (B,) -> ((B,), (B,)).
+
+    ``min == max`` says a group is constant *exactly*, which a float mean cannot: seven copies of
+    0.3 summed and divided by 7 is not 0.3 in float32, so ``v − mean`` would be a tiny nonzero
+    number that a std division then blows up.
+    """
+    idx, k = group_index(group_ids)
+    lo = torch.empty(k, dtype=values.dtype, device=values.device).scatter_reduce_(
+        0, idx, values, reduce="amin", include_self=False)
+    hi = torch.empty(k, dtype=values.dtype, device=values.device).scatter_reduce_(
+        0, idx, values, reduce="amax", include_self=False)
+    return lo[idx], hi[idx]
+
+
+def masked_reverse_cumsum(x: torch.Tensor, mask: torch.Tensor, gamma: float = 1.0) -> torch.Tensor:
+    """Discounted return-to-go over the *included* positions only. x, mask (B, L) -> (B, L).
+
+    G_t = Σ_{s≥t, m_s} γ^{k(s)−k(t)} x_s,  k(t) = number of included positions before t.
+
+    Excluded positions neither add their value (NaN there is fine) nor count as a time step for γ:
+    a tool-output span in the middle of a response is skipped and the return flows across it.
+    Excluded positions of the output are 0.
+    """
+    zero = torch.zeros((), dtype=x.dtype, device=x.device)
+    x = torch.where(mask, x, zero)
+    if gamma == 1.0:
+        out = x.flip(1).cumsum(1).flip(1)
+    else:
+        out = torch.zeros_like(x)
+        running = torch.zeros_like(x[:, 0])
+        for t in range(x.shape[1] - 1, -1, -1):
+            running = torch.where(mask[:, t], x[:, t] + gamma * running, running)
+            out[:, t] = running
+    return torch.where(mask, out, zero)
+
+
+def group_loo_mean(values: torch.Tensor, group_ids: torch.Tensor, include: torch.Tensor | None = None
+                   ) -> tuple[torch.Tensor, torch.Tensor]:
+    """Leave-one-out group mean: the mean of ``values`` over the *other* included rows of each row's group.
+
+    loo_i = Σ_{j∈g(i), j≠i, include_j} v_j / n_others_i,   n_others_i = #{j∈g(i), j≠i, include_j}
+    (loo_i = 0 when n_others_i = 0, e.g. a group of one). Excluded rows still get the mean of
+    their group's included rows, and never contribute to anyone's mean, even when they hold NaN.
+
+    Args:  values (B,) float; group_ids (B,) long; include (B,) bool or None (= all rows).
+    Returns: loo mean (B,), n_others (B,) float.
+    """
+    if include is None:
+        include = torch.ones_like(values, dtype=torch.bool)
+    v = torch.where(include, values, torch.zeros_like(values))
+    inc = include.to(values.dtype)
+    total, _ = group_sum(v, group_ids)  # (B,)
+    count, _ = group_sum(inc, group_ids)  # (B,)
+    n_others = count - inc
+    loo = (total - v) / n_others.clamp(min=1)
+    return torch.where(n_others > 0, loo, torch.zeros_like(loo)), n_others

@@ -1,0 +1,8 @@
+"""Reward signals (``REWARDS``), the RewardOutput contract and the combiner.
+
+Entries are classes built as ``cls.from_context(ctx, **kwargs)``; ``ctx`` (a ``RewardContext``)
+carries the task, tokenizer and models a signal may need.
+"""
+
+from finegrain.rewards.base import REWARDS, RewardOutput, RewardSignal  # noqa: F401
+from finegrain.rewards import implicit_prm, verifiers  # noqa: E402,F401  (registers entries)

@@ -1,1 +1,330 @@
-"""(being written)"""
+"""Synthetic multi-step arithmetic with exact step labels, sized for char-level models on a CPU.
+
+A problem is a start value and a chain of operations applied left to right::
+
+    prompt    "Q: 7 +5 *3 -4\\n"
+    solution  "7+5=12\\n12*3=36\\n36-4=32\\nA: 32"
+
+Steps are lines (segmenter ``newline``): one computation line per operation, then the answer
+line. Texts are short on purpose: with a character-level tokenizer every character is a token.
+
+Step labels are *local*: a computation line is correct when it starts from the value the
+previous computation line wrote (whether or not that value was right), applies the problem's
+next operation, and computes it correctly. So a response can reach the right answer through
+wrong steps (a "miracle step"), and ``label_steps`` shows where.
+
+>>> task = ArithTask(seed=0)
+>>> ex = Example("x", "Q: 7 +5 *3 -4\\n", "32", meta={"start": 7, "ops": [["+", 5], ["*", 3], ["-", 4]]})
+>>> task.verify(ex, "7+5=12\\n12*3=36\\n36-4=32\\nA: 32")
+1.0
+>>> task.label_steps(ex, "7+5=13\\n13*3=39\\n39-4=32\\nA: 32").labels  # two compensating errors
+[0, 1, 0, 1]
+"""
+
+from __future__ import annotations
+
+import hashlib
+import random
+import re
+from functools import lru_cache
+
+from finegrain.segment import newline
+from finegrain.tasks import TASKS
+from finegrain.tasks.base import STEP_CORRECT, STEP_UNPARSEABLE, STEP_WRONG, Example, StepLabels
+
+SPLITS = ("train", "test")
+TEST_PER_MILLE = 100  # a problem is in 'test' iff sha1(prompt) mod 1000 < 100, so 10% of problems
+
+_COMPUTE_RE = re.compile(r"\s*(-?\d+)\s*([-+*])\s*(-?\d+)\s*=\s*(-?\d+)\s*")
+_ANSWER_RE = re.compile(r"\s*A\s*:\s*(-?\d+)\s*")
+
+
+def _apply(a: int, op: str, b: int) -> int:
+    return a + b if op == "+" else a - b if op == "-" else a * b
+
+
+def split_of(prompt: str) -> str:
+    """The split a problem belongs to, from a stable hash of its canonical prompt (not the seed),
+    so train and test never share a problem whatever seeds or sizes are used.
+
+    >>> split_of("Q: 7 +5 *3 -4\\n") in SPLITS
+    True
+    """
+    h = int.from_bytes(hashlib.sha1(prompt.encode()).digest()[:8], "big")
+    return "test" if h % 1000 < TEST_PER_MILLE else "train"
+
+
+def format_problem(start: int, ops: list[tuple[str, int]]) -> str:
+    """Canonical prompt text.
+
+    >>> format_problem(7, [("+", 5), ("*", 3)])
+    'Q: 7 +5 *3\\n'
+    """
+    return "Q: " + " ".join([str(start)] + [f"{op}{b}" for op, b in ops]) + "\n"
+
+
+def format_solution(start: int, ops: list[tuple[str, int]], values: list[int]) -> str:
+    """Solution text for the given (possibly wrong) line results ``values``.
+
+    >>> format_solution(7, [("+", 5), ("*", 3)], [12, 36])
+    '7+5=12\\n12*3=36\\nA: 36'
+    """
+    lines, a = [], start
+    for (op, b), c in zip(ops, values):
+        lines.append(f"{a}{op}{b}={c}")
+        a = c
+    return "\n".join(lines + [f"A: {a}"])
+
+
+def parse_answer(response: str) -> int | None:
+    """The value of the last ``A: <int>`` line, or None. Other lines (garbage after the answer,
+    blank lines) are ignored; a line with more than ``A: <int>`` on it is not an answer line.
+
+    >>> parse_answer("7+5=12\\nA: 12\\n  \\nxx+")
+    12
+    >>> parse_answer("A: 12 apples") is None
+    True
+    """
+    found = None
+    for line in response.split("\n"):
+        m = _ANSWER_RE.fullmatch(line)
+        if m:
+            found = int(m.group(1))
+    return found
+
+
+@TASKS.register("arith")
+class ArithTask:
+    """Chains of ``min_steps``..``max_steps`` operations (from ``ops``) on a start value in
+    0..``max_start``; every intermediate value stays in 0..``max_value``.
+
+    Operands: ``+`` and ``-`` use 1..``max_operand``, ``*`` uses 2..3. At each step one op is
+    chosen uniformly among those with at least one allowed operand (``-`` only if the result
+    stays ≥ 0, ``+``/``*`` only if it stays ≤ ``max_value``), then its operand uniformly among
+    the allowed ones. The number of operations is uniform in [min_steps, max_steps].
+    """
+
+    name = "arith"
+    segmenter = "newline"
+
+    def __init__(self, *, min_steps: int = 2, max_steps: int = 4, max_start: int = 20,
+                 max_operand: int = 9, max_value: int = 99, ops: str = "+-*", seed: int = 0):
+        if min_steps < 1:
+            raise ValueError(f"arith: min_steps must be >= 1, got {min_steps}")
+        if max_steps < min_steps:
+            raise ValueError(f"arith: max_steps must be >= min_steps ({min_steps}), got {max_steps}")
+        if max_start < 0:
+            raise ValueError(f"arith: max_start must be >= 0, got {max_start}")
+        if max_operand < 1:
+            raise ValueError(f"arith: max_operand must be >= 1, got {max_operand}")
+        if max_value < max_start:
+            raise ValueError(f"arith: max_value must be >= max_start ({max_start}), got {max_value}")
+        if not ops or set(ops) - set("+-*") or len(set(ops)) != len(ops):
+            raise ValueError(f"arith: ops must be distinct characters from '+-*', got {ops!r}")
+        self.min_steps, self.max_steps, self.max_start = min_steps, max_steps, max_start
+        self.max_operand, self.max_value, self.ops, self.seed = max_operand, max_value, ops, seed
+        # moves[v] = [(op, [allowed operands])...] for every op that has at least one operand at v
+        self._moves: list[list[tuple[str, list[int]]]] = []
+        for v in range(max_value + 1):
+            moves = []
+            for op in ops:
+                cands = range(2, 4) if op == "*" else range(1, max_operand + 1)
+                ok = [b for b in cands if 0 <= _apply(v, op, b) <= max_value]
+                if ok:
+                    moves.append((op, ok))
+            self._moves.append(moves)
+        self._cache: dict[str, tuple[list[Example], set[str], random.Random]] = {}
+
+    # ---- problems -------------------------------------------------------------------------
+
+    def _draw(self, rng: random.Random) -> tuple[int, list[tuple[str, int]]] | None:
+        """One problem from the generative distribution; None if it dead-ends (no allowed op)."""
+        rand = rng.random
+        v = int(rand() * (self.max_start + 1))
+        start, ops = v, []
+        for _ in range(self.min_steps + int(rand() * (self.max_steps - self.min_steps + 1))):
+            moves = self._moves[v]
+            if not moves:
+                return None
+            op, operands = moves[int(rand() * len(moves))]
+            b = operands[int(rand() * len(operands))]
+            ops.append((op, b))
+            v = _apply(v, op, b)
+        return start, ops
+
+    def _example(self, split: str, idx: int, start: int, ops: list[tuple[str, int]],
+                 prompt: str) -> Example:
+        values, v = [], start
+        for op, b in ops:
+            v = _apply(v, op, b)
+            values.append(v)
+        return Example(id=f"arith-{split}-{idx:05d}", prompt=prompt, answer=str(v),
+                       solution=format_solution(start, ops, values),
+                       meta={"start": start, "ops": [[op, b] for op, b in ops], "values": values})
+
+    def examples(self, split: str, n: int | None = None) -> list[Example]:
+        """The first ``n`` distinct problems of ``split`` (default 10,000 train / 1,000 test).
+
+        Problems are drawn from ``random.Random`` seeded by (seed, split) and kept if their
+        prompt hashes to ``split`` and was not seen before, so the result for a given n is a
+        prefix of the result for any larger n.
+        """
+        if split not in SPLITS:
+            raise ValueError(f"arith: split must be one of {SPLITS}, got {split!r}")
+        if n is None:
+            n = 10_000 if split == "train" else 1_000
+        if n < 0:
+            raise ValueError(f"arith: n must be >= 0, got {n}")
+        if split not in self._cache:
+            seed_bytes = hashlib.sha1(f"arith/{self.seed}/{split}".encode()).digest()[:8]
+            self._cache[split] = ([], set(), random.Random(int.from_bytes(seed_bytes, "big")))
+        out, seen, rng = self._cache[split]
+        if n > len(out):
+            total = self.num_problems()
+            if n > total:
+                raise ValueError(f"arith: asked for {n} '{split}' problems but this configuration "
+                                 f"has only {total} distinct problems in all splits")
+            budget = 200 * (n - len(out)) + 100_000
+            while len(out) < n and budget > 0:
+                budget -= 1
+                drawn = self._draw(rng)
+                if drawn is None:
+                    continue
+                prompt = format_problem(*drawn)
+                if prompt in seen or split_of(prompt) != split:
+                    continue
+                seen.add(prompt)
+                out.append(self._example(split, len(out), *drawn, prompt))
+            if len(out) < n:
+                self._fill_by_enumeration(split, n)
+        return out[:n]
+
+    def _fill_by_enumeration(self, split: str, n: int) -> None:
+        """Rejection sampling stalled (the space is nearly exhausted): add the remaining
+        problems of the split in a seeded order, or raise if there are not enough."""
+        out, seen, rng = self._cache[split]
+        if self.num_problems() > 2_000_000:
+            raise ValueError(f"arith: found only {len(out)} distinct '{split}' problems, asked for "
+                             f"{n}; ask for fewer or widen the configuration")
+        rest = [p for p in self._enumerate() if split_of(format_problem(*p)) == split
+                and format_problem(*p) not in seen]
+        if len(out) + len(rest) < n:
+            raise ValueError(f"arith: asked for {n} '{split}' problems but this configuration has "
+                             f"only {len(out) + len(rest)} distinct '{split}' problems")
+        random.Random(f"arith-fill/{self.seed}/{split}").shuffle(rest)
+        for start, ops in rest[: n - len(out)]:
+            prompt = format_problem(start, ops)
+            seen.add(prompt)
+            out.append(self._example(split, len(out), start, ops, prompt))
+
+    def _enumerate(self):
+        """Every distinct problem (start, ops) of this configuration."""
+        def chains(v: int, k: int):
+            if k == 0:
+                yield []
+                return
+            for op, operands in self._moves[v]:
+                for b in operands:
+                    for rest in chains(_apply(v, op, b), k - 1):
+                        yield [(op, b)] + rest
+        for start in range(self.max_start + 1):
+            for k in range(self.min_steps, self.max_steps + 1):
+                for ops in chains(start, k):
+                    yield start, ops
+
+    def num_problems(self) -> int:
+        """Number of distinct problems over both splits (exact, by dynamic programming)."""
+        moves = tuple(tuple((op, tuple(o)) for op, o in m) for m in self._moves)
+        return _count(moves, self.max_start, self.min_steps, self.max_steps)
+
+    # ---- scoring --------------------------------------------------------------------------
+
+    def format_prompt(self, example: Example) -> str:
+        return example.prompt
+
+    def verify(self, example: Example, response: str) -> float:
+        """1.0 iff the last ``A: <int>`` line of ``response`` equals the reference answer."""
+        got = parse_answer(response)
+        return 1.0 if got is not None and str(got) == example.answer else 0.0
+
+    def label_steps(self, example: Example, response: str) -> StepLabels:
+        """Label each line of any response (see the module docstring for the rules).
+
+        Computation line i (counting only computation lines) is CORRECT iff it reads
+        ``a<op>b=c`` with a = the previous computation line's c (the start value for i = 0),
+        (op, b) = the problem's i-th operation and c = a op b; WRONG if it parses but one of
+        these fails, including lines beyond the number of operations. An answer line ``A: n``
+        is CORRECT iff n = the last computation line's c and exactly len(ops) computation lines
+        precede it. Anything else is UNPARSEABLE.
+        """
+        start = example.meta["start"]
+        ops = [(op, int(b)) for op, b in example.meta["ops"]]
+        spans = newline(response)
+        labels, n_comp, prev = [], 0, start
+        for s, e in spans:
+            line = response[s:e]
+            m = _COMPUTE_RE.fullmatch(line)
+            if m:
+                a, op, b, c = int(m.group(1)), m.group(2), int(m.group(3)), int(m.group(4))
+                ok = (n_comp < len(ops) and a == prev and (op, b) == ops[n_comp]
+                      and c == _apply(a, op, b))
+                labels.append(STEP_CORRECT if ok else STEP_WRONG)
+                n_comp, prev = n_comp + 1, c
+                continue
+            m = _ANSWER_RE.fullmatch(line)
+            if m:
+                ok = n_comp == len(ops) and int(m.group(1)) == prev
+                labels.append(STEP_CORRECT if ok else STEP_WRONG)
+            else:
+                labels.append(STEP_UNPARSEABLE)
+        first = next((k for k, lab in enumerate(labels) if lab != STEP_CORRECT), None)
+        return StepLabels(labels=labels, spans=spans, first_error=first)
+
+    # ---- SFT data -------------------------------------------------------------------------
+
+    def flawed_solution(self, example: Example, rng: random.Random) -> str:
+        """The gold solution with one computation line's result off by ±1..±3 (kept ≥ 0); later
+        lines continue correctly from the wrong value and the answer line repeats the wrong last
+        value. Only deltas that keep every later value ≥ 0 are used, and since each operation is
+        increasing in its left operand, the final answer is always wrong.
+
+        Labels of the result: exactly one WRONG step, at the perturbed line.
+        """
+        start = example.meta["start"]
+        ops = [(op, int(b)) for op, b in example.meta["ops"]]
+        gold = example.meta["values"]
+        k = rng.randrange(len(ops))
+
+        def chain(delta: int) -> list[int]:
+            values = gold[:k] + [gold[k] + delta]
+            for op, b in ops[k + 1:]:
+                values.append(_apply(values[-1], op, b))
+            return values
+
+        deltas = [d for d in (-3, -2, -1, 1, 2, 3) if min(chain(d)[k:]) >= 0]
+        return format_solution(start, ops, chain(rng.choice(deltas)))
+
+    def sft_corpus(self, n: int, flawed_fraction: float = 0.0, seed: int = 0
+                   ) -> list[tuple[Example, str]]:
+        """``n`` (train example, solution text) pairs; exactly round(n · flawed_fraction) of them,
+        at positions chosen by ``seed``, carry a ``flawed_solution``, the rest the gold one."""
+        if not 0.0 <= flawed_fraction <= 1.0:
+            raise ValueError(f"arith: flawed_fraction must be in [0, 1], got {flawed_fraction}")
+        exs = self.examples("train", n)
+        rng = random.Random(f"arith-sft/{seed}")
+        flawed = set(rng.sample(range(n), round(n * flawed_fraction)))
+        return [(ex, self.flawed_solution(ex, rng) if i in flawed else ex.solution)
+                for i, ex in enumerate(exs)]
+
+
+@lru_cache(maxsize=32)
+def _count(moves, max_start: int, min_steps: int, max_steps: int) -> int:
+    """Distinct problems: Σ_start Σ_k (number of k-step operation chains from start)."""
+    ways = [1] * len(moves)  # ways[v] = number of k-step chains from value v; k = 0 here
+    total = 0
+    for k in range(max_steps + 1):
+        if k >= min_steps:
+            total += sum(ways[: max_start + 1])
+        ways = [sum(ways[_apply(v, op, b)] for op, operands in moves[v] for b in operands)
+                for v in range(len(moves))]
+    return total

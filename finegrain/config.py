@@ -1,0 +1,391 @@
+"""Typed run configuration. YAML is only how a ``RunConfig`` is saved and loaded.
+
+Every field's ``help`` metadata is its documentation and the CLI help (``finegrain train --help-config``).
+``load_config`` rejects a misspelt key or a value of the wrong type with one line naming it.
+Overrides use dotted keys: ``finegrain train configs/demo_cpu.yaml train.steps=50 rollout.temperature=0.8``.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+
+def _f(default: Any, help: str, **kw: Any) -> Any:
+    if isinstance(default, (dict, list)):
+        return field(default_factory=lambda d=default: type(d)(d), metadata={"help": help, **kw})
+    return field(default=default, metadata={"help": help, **kw})
+
+
+@dataclass
+class ModelConfig:
+    path: str = _f("", "Hugging Face model directory or Hub id; '' builds a tiny model from scratch for the task "
+                       "and warm-starts it with SFT (cached under sft.cache_dir).")
+    family: str = _f("qwen2", "Architecture of the tiny model when path is '': qwen2 | llama.")
+    size: str = _f("tiny", "Preset of the tiny model when path is '': micro | tiny | small.")
+    dtype: str = _f("float32", "Parameter dtype: float32 | bfloat16 | float16.")
+    device: str = _f("auto", "cpu | cuda | cuda:N | auto (cuda when available).")
+    use_chat_template: bool = _f(True, "Wrap prompts in the tokenizer's chat template when it has one.")
+
+
+@dataclass
+class TaskConfig:
+    name: str = _f("arith", "Task name in finegrain.tasks.TASKS: arith | gsm8k.")
+    kwargs: dict = _f({}, "Keyword arguments of the task constructor (e.g. {min_steps: 2, max_steps: 4}).")
+
+
+@dataclass
+class SFTConfig:
+    n_examples: int = _f(30000, "Worked solutions in the SFT corpus.")
+    flawed_fraction: float = _f(0.3, "Fraction of SFT solutions with one deliberately wrong step (arith), so the "
+                                      "warm-started model is imperfect.")
+    epochs: int = _f(1, "Passes over the corpus.")
+    batch_size: int = _f(64, "Sequences per optimizer step.")
+    lr: float = _f(3e-3, "Peak learning rate (AdamW, linear warmup then cosine decay).")
+    warmup_steps: int = _f(50, "Linear warmup steps.")
+    seed: int = _f(0, "Seed of the corpus and the model init.")
+    cache_dir: str = _f(".cache/finegrain", "Where warm-started tiny models are cached (keyed by a hash of the "
+                                             "task, model and SFT settings).")
+
+
+@dataclass
+class RolloutConfig:
+    engine: str = _f("hf", "Rollout engine in finegrain.rollout.ROLLOUT_ENGINES.")
+    prompts_per_step: int = _f(16, "Prompts per RL step (after filtering).")
+    group_size: int = _f(8, "Samples per prompt (G).")
+    temperature: float = _f(1.0, "Sampling temperature; also divides the logits when the loss takes log-probs.")
+    top_p: float = _f(1.0, "Nucleus sampling threshold (1.0 = off).")
+    top_k: int = _f(0, "Top-k sampling (0 = off).")
+    max_new_tokens: int = _f(48, "Maximum response length in tokens.")
+    max_batch: int = _f(256, "Rows per generate call.")
+
+
+@dataclass
+class RewardSpec:
+    name: str = _f("verifier", "Reward signal in finegrain.rewards.REWARDS.")
+    weight: float = _f(1.0, "Coefficient on this signal's token rewards (always applied).")
+    kwargs: dict = _f({}, "Keyword arguments of the signal.")
+
+
+@dataclass
+class SourceCredit:
+    name: str = _f("rloo", "Advantage estimator for this source.")
+    coef: float = _f(1.0, "Coefficient on this source's advantages.")
+    kwargs: dict = _f({}, "Estimator hyperparameters.")
+
+
+@dataclass
+class AdvantageConfig:
+    name: str = _f("grpo", "Advantage estimator in finegrain.credit.ADVANTAGES, applied to the summed token "
+                           "rewards. Ignored when per_source is set.")
+    kwargs: dict = _f({}, "Estimator hyperparameters (e.g. {scale_by_std: false}).")
+    per_source: dict = _f({}, "Per reward source: {source: {name, coef, kwargs}}; advantages are summed over sources "
+                              "(PRIME). Every reward source needs an entry.")
+    whiten: bool = _f(False, "Whiten the final advantages over the batch's trained tokens.")
+
+
+@dataclass
+class FilterSpec:
+    name: str = _f("zero_variance", "Filter in finegrain.filters.FILTERS.")
+    kwargs: dict = _f({}, "Filter hyperparameters.")
+
+
+@dataclass
+class FilterConfig:
+    filters: list = _f([], "Filters applied in order to each rollout batch: a list of {name, kwargs}.")
+    oversample: float = _f(1.0, "Generate this many times prompts_per_step prompts, then keep the first groups "
+                                "that pass.")
+    max_refills: int = _f(2, "Extra generate rounds when too few groups pass; after them the batch may be smaller.")
+
+
+@dataclass
+class LossConfig:
+    name: str = _f("ppo_clip", "Policy loss in finegrain.losses.POLICY_LOSSES.")
+    kwargs: dict = _f({}, "Loss hyperparameters (e.g. {clip_low: 0.2, clip_high: 0.28}).")
+    aggregation: str = _f("token-mean", "How the per-token loss becomes a scalar: token-mean | seq-mean-token-mean | "
+                                        "seq-mean-token-sum | seq-mean-token-sum-norm.")
+    aggregation_constant: Any = _f(None, "Normaliser of seq-mean-token-sum-norm (default: max_new_tokens).")
+    kl_coef: float = _f(0.0, "Weight of the KL to the reference model (0 = no reference model is kept).")
+    kl_estimator: str = _f("k3", "KL estimator: k1 | k2 | k3.")
+    kl_mode: str = _f("loss", "'loss': add kl_coef·KL to the per-token loss; 'reward': subtract it from the token "
+                              "rewards (needs a token-level estimator).")
+    entropy_coef: float = _f(0.0, "Entropy bonus weight (subtracted from the loss).")
+
+
+@dataclass
+class OptimConfig:
+    lr: float = _f(1e-4, "Policy learning rate (AdamW).")
+    weight_decay: float = _f(0.0, "AdamW weight decay.")
+    betas: list = _f([0.9, 0.999], "AdamW betas.")
+    grad_clip: float = _f(1.0, "Clip the global gradient norm to this (0 = off).")
+    schedule: str = _f("constant", "LR schedule: constant | linear | cosine (decay to 0 over train.steps).")
+    warmup_steps: int = _f(0, "Linear warmup steps.")
+
+
+@dataclass
+class PRMConfig:
+    beta: float = _f(0.05, "β of the implicit PRM: r_t = β·(log π_φ − log π_ref).")
+    update: str = _f("after", "Online PRM update: after (score, then update) | before (update, then re-score) | none.")
+    loss: str = _f("ce", "PRM loss: ce | dpo.")
+    lr: float = _f(1e-4, "PRM learning rate (its own AdamW).")
+    grad_clip: float = _f(10.0, "PRM gradient-norm clip (0 = off).")
+    ref: str = _f("initial", "π_ref of the implicit PRM: initial (frozen copy of the starting policy) | policy "
+                             "(the rollout policy's log-probs).")
+
+
+@dataclass
+class EvalConfig:
+    n_problems: int = _f(200, "Held-out problems per evaluation.")
+    samples: int = _f(4, "Samples per problem (accuracy is their mean; pass@k is reported too).")
+    temperature: float = _f(1.0, "Eval sampling temperature (0 = greedy; then samples is forced to 1).")
+    max_new_tokens: int = _f(48, "Maximum response length at eval.")
+    greedy_too: bool = _f(True, "Also report greedy accuracy (eval/greedy_accuracy).")
+    seed: int = _f(1234, "Eval sampling seed (the same before and after training).")
+
+
+@dataclass
+class TrainConfig:
+    steps: int = _f(100, "RL steps (one rollout batch each).")
+    ppo_epochs: int = _f(1, "Passes over each rollout batch.")
+    minibatches: int = _f(1, "Optimizer steps per pass (the batch is split into this many minibatches).")
+    grad_accum: int = _f(1, "Micro-batches per minibatch (gradient accumulation).")
+    eval_every: int = _f(50, "Evaluate every N steps (0 = only before and after).")
+    save_every: int = _f(25, "Checkpoint every N steps (0 = only at the end).")
+    seed: int = _f(0, "Run seed: prompt order, sampling seeds and minibatch shuffles derive from it.")
+    out_dir: str = _f("runs/demo", "Run directory (logs, checkpoints, report).")
+    resume: bool = _f(True, "Resume from the last checkpoint in out_dir when there is one.")
+    tensorboard: bool = _f(True, "Also log to TensorBoard (needs the tensorboard package).")
+    progress: bool = _f(True, "Show a progress bar.")
+
+
+@dataclass
+class RunConfig:
+    model: ModelConfig = field(default_factory=ModelConfig)
+    task: TaskConfig = field(default_factory=TaskConfig)
+    sft: SFTConfig = field(default_factory=SFTConfig)
+    rollout: RolloutConfig = field(default_factory=RolloutConfig)
+    rewards: list = field(default_factory=lambda: [RewardSpec()], metadata={
+        "help": "Reward signals: a list of {name, weight, kwargs}.", "item": RewardSpec})
+    advantage: AdvantageConfig = field(default_factory=AdvantageConfig)
+    filters: FilterConfig = field(default_factory=FilterConfig)
+    loss: LossConfig = field(default_factory=LossConfig)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    prm: PRMConfig = field(default_factory=PRMConfig)
+    eval: EvalConfig = field(default_factory=EvalConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+
+    def __post_init__(self) -> None:
+        self.rewards = [r if isinstance(r, RewardSpec) else r for r in self.rewards]
+
+
+# ---------------------------------------------------------------------------------------------
+# loading, validation, dumping
+
+_SCALARS = (bool, int, float, str)
+
+
+def _check_value(where: str, value: Any, ftype: Any) -> Any:
+    """Coerce/validate one scalar field; raise a one-line ValueError naming ``where``."""
+    if ftype is Any:
+        return value
+    if isinstance(ftype, str):
+        ftype = {"str": str, "int": int, "float": float, "bool": bool, "dict": dict, "list": list, "Any": Any}.get(ftype, Any)
+    if ftype is Any:
+        return value
+    if ftype is bool:
+        if isinstance(value, bool):
+            return value
+        raise ValueError(f"{where}: expected true or false, got {value!r}")
+    if ftype is int:
+        if isinstance(value, int) and not isinstance(value, bool):
+            return value
+        raise ValueError(f"{where}: expected an integer, got {value!r}")
+    if ftype is float:
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            return float(value)
+        raise ValueError(f"{where}: expected a number, got {value!r}")
+    if ftype is str:
+        if isinstance(value, str):
+            return value
+        raise ValueError(f"{where}: expected a string, got {value!r}")
+    if ftype is dict:
+        if isinstance(value, dict):
+            return value
+        raise ValueError(f"{where}: expected a mapping, got {value!r}")
+    if ftype is list:
+        if isinstance(value, list):
+            return value
+        raise ValueError(f"{where}: expected a list, got {value!r}")
+    return value
+
+
+def from_dict(cls: type, data: dict, where: str = "") -> Any:
+    """Build dataclass ``cls`` from a plain dict; unknown keys and bad types raise one line."""
+    if not isinstance(data, dict):
+        raise ValueError(f"{where or 'config'}: expected a mapping, got {data!r}")
+    fields = {f.name: f for f in dataclasses.fields(cls)}
+    kwargs = {}
+    for key, value in data.items():
+        path = f"{where}.{key}" if where else key
+        if key not in fields:
+            raise ValueError(f"{path}: unknown key; allowed: {', '.join(fields)}")
+        f = fields[key]
+        sub = _dataclass_type(f)
+        if sub is not None:
+            kwargs[key] = from_dict(sub, value or {}, path)
+        elif "item" in f.metadata:
+            if not isinstance(value, list):
+                raise ValueError(f"{path}: expected a list, got {value!r}")
+            kwargs[key] = [from_dict(f.metadata["item"], v, f"{path}[{i}]") for i, v in enumerate(value)]
+        else:
+            kwargs[key] = _check_value(path, value, f.type)
+    return cls(**kwargs)
+
+
+def _dataclass_type(f: dataclasses.Field) -> type | None:
+    t = f.type
+    if isinstance(t, str):
+        t = globals().get(t)
+    return t if isinstance(t, type) and dataclasses.is_dataclass(t) else None
+
+
+def to_dict(obj: Any) -> Any:
+    return dataclasses.asdict(obj)
+
+
+def parse_override(text: str) -> tuple[list[str], Any]:
+    """'a.b=3' -> (['a', 'b'], 3); the value is parsed as YAML (so 'true', '0.5', '[1, 2]' work)."""
+    if "=" not in text:
+        raise ValueError(f"override '{text}': expected key=value, e.g. train.steps=50")
+    key, raw = text.split("=", 1)
+    return key.strip().split("."), yaml.safe_load(raw) if raw.strip() else ""
+
+
+def apply_overrides(data: dict, overrides: list[str]) -> dict:
+    for ov in overrides:
+        keys, value = parse_override(ov)
+        node = data
+        for k in keys[:-1]:
+            node = node.setdefault(k, {})
+            if not isinstance(node, dict):
+                raise ValueError(f"override '{ov}': '{k}' is not a section")
+        node[keys[-1]] = value
+    return data
+
+
+def load_config(path: str | Path | None = None, overrides: list[str] | None = None) -> RunConfig:
+    """Load a YAML RunConfig (or defaults when path is None) and apply dotted overrides."""
+    data: dict = {}
+    if path is not None:
+        p = Path(path)
+        if not p.exists():
+            raise FileNotFoundError(f"config file {p}: not found")
+        try:
+            data = yaml.safe_load(p.read_text()) or {}
+        except yaml.YAMLError as e:
+            raise ValueError(f"config file {p}: not valid YAML ({str(e).splitlines()[0]})") from None
+    data = apply_overrides(data, overrides or [])
+    cfg = from_dict(RunConfig, data)
+    validate(cfg)
+    return cfg
+
+
+def dump_config(cfg: RunConfig, path: str | Path) -> None:
+    Path(path).write_text(yaml.safe_dump(to_dict(cfg), sort_keys=False))
+
+
+def _choice(where: str, value: str, allowed: list[str]) -> None:
+    if value not in allowed:
+        raise ValueError(f"{where}: expected one of {', '.join(allowed)}, got '{value}'")
+
+
+def _positive(where: str, value: float, allow_zero: bool = False) -> None:
+    if value < 0 or (value == 0 and not allow_zero):
+        raise ValueError(f"{where}: expected {'≥ 0' if allow_zero else '> 0'}, got {value}")
+
+
+def validate(cfg: RunConfig) -> None:
+    """Check names against the registries and ranges, before any work starts."""
+    from finegrain.credit import ADVANTAGES
+    from finegrain.filters import FILTERS
+    from finegrain.losses import AGGREGATIONS, KL_ESTIMATORS, POLICY_LOSSES
+    from finegrain.rewards import REWARDS
+    from finegrain.rollout import ROLLOUT_ENGINES
+    from finegrain.tasks import TASKS
+
+    _choice("task.name", cfg.task.name, TASKS.names())
+    _choice("model.family", cfg.model.family, ["qwen2", "llama"])
+    _choice("model.dtype", cfg.model.dtype, ["float32", "bfloat16", "float16"])
+    _choice("rollout.engine", cfg.rollout.engine, ROLLOUT_ENGINES.names())
+    for i, r in enumerate(cfg.rewards):
+        _choice(f"rewards[{i}].name", r.name, REWARDS.names())
+    names = [r.name for r in cfg.rewards]
+    if len(set(names)) != len(names):
+        raise ValueError(f"rewards: each signal may appear once, got {names}")
+    if not names:
+        raise ValueError("rewards: at least one reward signal is needed")
+    if cfg.advantage.per_source:
+        for src, spec in cfg.advantage.per_source.items():
+            if src not in names and src != "kl_penalty":
+                raise ValueError(f"advantage.per_source.{src}: not a reward source; sources: {', '.join(names)}")
+            sc = from_dict(SourceCredit, spec, f"advantage.per_source.{src}")
+            _choice(f"advantage.per_source.{src}.name", sc.name, ADVANTAGES.names())
+            ADVANTAGES.check_kwargs(sc.name, sc.kwargs, f"advantage.per_source.{src}.kwargs")
+        missing = [n for n in names if n not in cfg.advantage.per_source]
+        if missing:
+            raise ValueError(f"advantage.per_source: no estimator for reward source(s) {missing}")
+    else:
+        _choice("advantage.name", cfg.advantage.name, ADVANTAGES.names())
+        ADVANTAGES.check_kwargs(cfg.advantage.name, cfg.advantage.kwargs, "advantage.kwargs")
+    for i, f in enumerate(cfg.filters.filters):
+        spec = from_dict(FilterSpec, f, f"filters.filters[{i}]") if isinstance(f, dict) else f
+        _choice(f"filters.filters[{i}].name", spec.name, FILTERS.names())
+        FILTERS.check_kwargs(spec.name, spec.kwargs, f"filters.filters[{i}].kwargs")
+    _choice("loss.name", cfg.loss.name, POLICY_LOSSES.names())
+    POLICY_LOSSES.check_kwargs(cfg.loss.name, cfg.loss.kwargs, "loss.kwargs")
+    _choice("loss.aggregation", cfg.loss.aggregation, AGGREGATIONS.names())
+    _choice("loss.kl_estimator", cfg.loss.kl_estimator, KL_ESTIMATORS.names())
+    _choice("loss.kl_mode", cfg.loss.kl_mode, ["loss", "reward"])
+    _choice("optim.schedule", cfg.optim.schedule, ["constant", "linear", "cosine"])
+    _choice("prm.update", cfg.prm.update, ["after", "before", "none"])
+    _choice("prm.loss", cfg.prm.loss, ["ce", "dpo"])
+    _choice("prm.ref", cfg.prm.ref, ["initial", "policy"])
+    for where, v in [("rollout.prompts_per_step", cfg.rollout.prompts_per_step), ("rollout.group_size", cfg.rollout.group_size),
+                     ("rollout.max_new_tokens", cfg.rollout.max_new_tokens), ("train.ppo_epochs", cfg.train.ppo_epochs),
+                     ("train.minibatches", cfg.train.minibatches), ("train.grad_accum", cfg.train.grad_accum),
+                     ("optim.lr", cfg.optim.lr), ("eval.samples", cfg.eval.samples), ("sft.batch_size", cfg.sft.batch_size)]:
+        _positive(where, v)
+    for where, v in [("train.steps", cfg.train.steps), ("rollout.temperature", cfg.rollout.temperature),
+                     ("eval.n_problems", cfg.eval.n_problems), ("loss.kl_coef", cfg.loss.kl_coef),
+                     ("train.eval_every", cfg.train.eval_every), ("train.save_every", cfg.train.save_every)]:
+        _positive(where, v, allow_zero=True)
+    if not 0 < cfg.rollout.top_p <= 1:
+        raise ValueError(f"rollout.top_p: expected in (0, 1], got {cfg.rollout.top_p}")
+    if cfg.filters.oversample < 1:
+        raise ValueError(f"filters.oversample: expected ≥ 1, got {cfg.filters.oversample}")
+    B = cfg.rollout.prompts_per_step * cfg.rollout.group_size
+    if B % (cfg.train.minibatches * cfg.train.grad_accum):
+        raise ValueError(f"train.minibatches × train.grad_accum = {cfg.train.minibatches * cfg.train.grad_accum} "
+                         f"must divide the batch of prompts_per_step × group_size = {B} rows")
+
+
+def describe(cls: type = RunConfig, prefix: str = "") -> list[str]:
+    """One line per field: dotted key, default, help (the CLI's --help-config)."""
+    lines = []
+    for f in dataclasses.fields(cls):
+        sub = _dataclass_type(f)
+        key = f"{prefix}{f.name}"
+        if sub is not None:
+            lines += describe(sub, key + ".")
+        else:
+            default = f.default if f.default is not dataclasses.MISSING else f.default_factory()
+            if isinstance(default, list) and default and dataclasses.is_dataclass(default[0]):
+                default = [dataclasses.asdict(d) for d in default]
+            lines.append(f"{key} = {default!r}\n    {f.metadata.get('help', '')}")
+    return lines

@@ -1,0 +1,39 @@
+"""Evaluate a policy on held-out problems: accuracy (with a confidence interval), pass@k, and
+per-sample records for reports. The same seed and decoding are used before and after training."""
+
+from __future__ import annotations
+
+import time
+
+from finegrain.eval.metrics import accuracy_with_ci, pass_at_k
+from finegrain.rollout.base import SamplingParams
+
+
+def evaluate(engine, task, examples, *, samples: int, temperature: float, max_new_tokens: int, seed: int,
+             greedy_too: bool = False, keep_samples: int = 0) -> tuple[dict, list[dict]]:
+    """Sample ``samples`` responses per example (greedy when temperature is 0) and verify them.
+
+    Returns (metrics, records). metrics: accuracy (mean over all samples), accuracy_lo/hi (95%
+    Wilson interval over samples), pass@k for k in 1, 2, 4 ≤ samples, greedy_accuracy when asked,
+    n_problems, seconds. records: the first ``keep_samples`` samples as dicts (prompt, response,
+    correct, answer) for reports.
+    """
+    t0 = time.time()
+    n = 1 if temperature == 0 else samples
+    sp = SamplingParams(temperature=temperature, max_new_tokens=max_new_tokens)
+    traj = engine.generate(examples, n, sp, seed)
+    correct = [task.verify(ex, text) >= 1.0 for ex, text in zip(traj.examples, traj.response_texts)]
+    ci = accuracy_with_ci(correct)
+    metrics = {"accuracy": ci["mean"], "accuracy_lo": ci["lo"], "accuracy_hi": ci["hi"], "n_problems": len(examples),
+               "samples_per_problem": n, "truncated_frac": float(traj.truncated.float().mean())}
+    per_problem = [sum(correct[i * n:(i + 1) * n]) for i in range(len(examples))]
+    for k in (1, 2, 4, 8):
+        if k <= n:
+            metrics[f"pass@{k}"] = sum(pass_at_k(n, c, k) for c in per_problem) / len(examples)
+    if greedy_too and temperature != 0:
+        g = engine.generate(examples, 1, SamplingParams(temperature=0.0, max_new_tokens=max_new_tokens), seed)
+        metrics["greedy_accuracy"] = sum(task.verify(ex, t) >= 1.0 for ex, t in zip(g.examples, g.response_texts)) / len(examples)
+    metrics["seconds"] = time.time() - t0
+    records = [{"prompt": ex.prompt, "response": text, "correct": c, "answer": ex.answer}
+               for ex, text, c in list(zip(traj.examples, traj.response_texts, correct))[:keep_samples]]
+    return metrics, records

@@ -1,0 +1,79 @@
+"""Load the policy: a Hugging Face model (path or Hub id), or a tiny model warm-started by SFT and cached."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+from pathlib import Path
+
+import torch
+from transformers import AutoModelForCausalLM, AutoTokenizer
+
+from finegrain.models.tiny import tiny_causal_lm
+from finegrain.models.tokenizer import char_tokenizer
+
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+def resolve_device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if name.startswith("cuda") and not torch.cuda.is_available():
+        raise ValueError(f"model.device: '{name}' requested but CUDA is not available")
+    return torch.device(name)
+
+
+def load_pretrained(path: str, dtype: str = "float32", device: str = "auto"):
+    """Any AutoModelForCausalLM from a local directory or the Hub, with its tokenizer.
+
+    A tokenizer without a pad token gets its EOS as pad (the rollout engine needs one).
+    """
+    if not (Path(path).exists() or "/" in path):
+        raise FileNotFoundError(f"model.path: '{path}' is neither a directory nor a Hub id (owner/name)")
+    tok = AutoTokenizer.from_pretrained(path)
+    if tok.pad_token_id is None:
+        tok.pad_token = tok.eos_token
+    model = AutoModelForCausalLM.from_pretrained(path, dtype=DTYPES[dtype]).to(resolve_device(device))
+    return model, tok
+
+
+def sft_cache_key(payload: dict) -> str:
+    return hashlib.sha1(json.dumps(payload, sort_keys=True).encode()).hexdigest()[:12]
+
+
+def warm_started_tiny(task, task_kwargs: dict, model_cfg, sft_cfg, log=print):
+    """A tiny model for ``task`` trained from scratch on the task's worked solutions, cached on disk.
+
+    The cache key hashes the task, model and SFT settings, so any change retrains; a second call
+    with the same settings loads the saved directory. Returns (model, tokenizer, info dict).
+    """
+    from finegrain.train.sft import run_sft
+
+    payload = {"task": task.name, "task_kwargs": task_kwargs, "family": model_cfg.family,
+               "size": model_cfg.size, "sft": {k: v for k, v in vars(sft_cfg).items() if k != "cache_dir"}, "v": 1}
+    cache = Path(os.environ.get("FINEGRAIN_CACHE", sft_cfg.cache_dir)) / f"sft-{task.name}-{sft_cache_key(payload)}"
+    device = resolve_device(model_cfg.device)
+    if (cache / "done.json").exists():
+        tok = AutoTokenizer.from_pretrained(cache)
+        model = AutoModelForCausalLM.from_pretrained(cache, dtype=DTYPES[model_cfg.dtype]).to(device)
+        info = json.loads((cache / "done.json").read_text())
+        log(f"loaded warm-started model from cache {cache}")
+        return model, tok, {**info, "cached": True, "path": str(cache)}
+    corpus = task.sft_corpus(sft_cfg.n_examples, sft_cfg.flawed_fraction, sft_cfg.seed)
+    pairs = [(task.format_prompt(ex), sol) for ex, sol in corpus]
+    alphabet = sorted(set("".join(p + s for p, s in pairs)) | set("0123456789"))
+    tok = char_tokenizer(alphabet)
+    model = tiny_causal_lm(tok, family=model_cfg.family, size=model_cfg.size, seed=sft_cfg.seed).to(device)
+    from finegrain.train.progress import Progress
+
+    with Progress("SFT warm start", total=None) as bar:
+        info = run_sft(model, tok, pairs, epochs=sft_cfg.epochs, batch_size=sft_cfg.batch_size, lr=sft_cfg.lr,
+                       warmup_steps=sft_cfg.warmup_steps, seed=sft_cfg.seed,
+                       progress=lambda s, n, l: bar.update(s, n, f"loss {l:.3f}"))
+    cache.mkdir(parents=True, exist_ok=True)
+    model.save_pretrained(cache)
+    tok.save_pretrained(cache)
+    (cache / "done.json").write_text(json.dumps(info))
+    log(f"SFT done in {info['sft/seconds']:.0f}s (loss {info['sft/loss']:.3f}); cached at {cache}")
+    return model, tok, {**info, "cached": False, "path": str(cache)}

@@ -1,0 +1,29 @@
+"""Built-in configs as plain dicts (the demo uses them; configs/*.yaml are their dumps)."""
+
+from __future__ import annotations
+
+
+def demo_grpo() -> dict:
+    """Outcome-only GRPO on arith: the CPU demo's default."""
+    return {
+        "task": {"name": "arith", "kwargs": {"min_steps": 2, "max_steps": 4}},
+        "model": {"family": "qwen2", "size": "tiny", "device": "cpu"},
+        "sft": {"n_examples": 30000, "flawed_fraction": 0.3, "epochs": 1, "batch_size": 64, "lr": 3e-3},
+        "rollout": {"prompts_per_step": 16, "group_size": 8, "temperature": 1.0, "max_new_tokens": 48},
+        "rewards": [{"name": "verifier", "weight": 1.0}],
+        "advantage": {"name": "grpo"},
+        "loss": {"name": "ppo_clip", "aggregation": "token-mean"},
+        "optim": {"lr": 1e-4, "grad_clip": 1.0},
+        "eval": {"n_problems": 200, "samples": 4, "temperature": 1.0, "max_new_tokens": 48},
+        "train": {"steps": 100, "eval_every": 25, "save_every": 25, "out_dir": "runs/demo-grpo"},
+    }
+
+
+def demo_rloo() -> dict:
+    cfg = demo_grpo()
+    cfg["advantage"] = {"name": "rloo"}
+    cfg["train"]["out_dir"] = "runs/demo-rloo"
+    return cfg
+
+
+DEMO_METHODS = {"grpo": demo_grpo, "rloo": demo_rloo}

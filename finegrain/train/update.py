@@ -1,0 +1,80 @@
+"""One policy update on a rollout batch: PPO epochs × minibatches × gradient-accumulation micro-batches."""
+
+from __future__ import annotations
+
+import torch
+
+from finegrain.losses import AGGREGATIONS, KL_ESTIMATORS, POLICY_LOSSES
+from finegrain.losses.entropy import entropy_from_logits
+from finegrain.masked import masked_mean
+from finegrain.models.logprobs import logprobs_from_logits, response_logits
+from finegrain.trajectory import Trajectory
+
+
+@torch.no_grad()
+def batch_logprobs(model, traj: Trajectory, temperature: float, micro_batch: int) -> torch.Tensor:
+    """log π(y_t|·) of every response token under ``model``, (B, L), computed in micro-batches."""
+    L = traj.response_ids.shape[1]
+    out = []
+    for s in range(0, traj.batch_size, micro_batch):
+        rows = slice(s, s + micro_batch)
+        logits = response_logits(model, traj.input_ids[rows], traj.attention_mask[rows], L)
+        out.append(logprobs_from_logits(logits, traj.response_ids[rows], temperature))
+    return torch.cat(out)
+
+
+def _weight(mask: torch.Tensor, mode: str) -> torch.Tensor:
+    """How much a micro-batch counts in its minibatch's aggregate: its trained tokens for
+    token-mean, its rows with any trained token for the seq-* modes."""
+    return mask.sum() if mode == "token-mean" else mask.any(1).sum()
+
+
+def policy_update(policy, optimizer, traj: Trajectory, advantages: torch.Tensor, *, old_logprobs: torch.Tensor | None,
+                  ref_logprobs: torch.Tensor | None, loss_cfg, ppo_epochs: int, minibatches: int, grad_accum: int,
+                  temperature: float, grad_clip: float, max_new_tokens: int, generator: torch.Generator) -> dict:
+    """Update ``policy`` in place; returns mean metrics over all micro-batches (plain keys).
+
+    old_logprobs None means the batch is used for exactly one optimizer step, so π_old = π_θ and
+    the detached current log-probs serve (no extra forward pass). Gradient accumulation: each
+    micro-batch's aggregated loss is scaled by its share of the minibatch (tokens for token-mean,
+    rows for the seq-* modes), so the accumulated gradient equals the minibatch's.
+    """
+    loss_fn = POLICY_LOSSES.get(loss_cfg.name)
+    agg_fn = AGGREGATIONS.get(loss_cfg.aggregation)
+    agg_kw = {"constant": loss_cfg.aggregation_constant or max_new_tokens} if loss_cfg.aggregation == "seq-mean-token-sum-norm" else {}
+    kl_fn = KL_ESTIMATORS.get(loss_cfg.kl_estimator)
+    use_kl_loss = loss_cfg.kl_coef > 0 and loss_cfg.kl_mode == "loss"
+    B, L = traj.response_ids.shape
+    sums: dict[str, float] = {}
+    count = 0
+    policy.train()
+    for _ in range(ppo_epochs):
+        perm = torch.randperm(B, generator=generator)
+        for mb in perm.chunk(minibatches):
+            mb_weight = _weight(traj.loss_mask[mb], loss_cfg.aggregation).clamp(min=1)
+            optimizer.zero_grad(set_to_none=True)
+            for micro in mb.chunk(grad_accum):
+                mask = traj.loss_mask[micro]  # (b, L)
+                logits = response_logits(policy, traj.input_ids[micro], traj.attention_mask[micro], L)  # (b, L, V)
+                logprobs = logprobs_from_logits(logits, traj.response_ids[micro], temperature)  # (b, L)
+                old = logprobs.detach() if old_logprobs is None else old_logprobs[micro]
+                per_token, metrics = loss_fn(logprobs, old, advantages[micro], mask, **loss_cfg.kwargs)
+                if use_kl_loss:
+                    kl = kl_fn(logprobs, ref_logprobs[micro])  # (b, L)
+                    per_token = per_token + loss_cfg.kl_coef * kl
+                    metrics["kl"] = masked_mean(kl.detach(), mask)
+                if loss_cfg.entropy_coef > 0:
+                    ent = entropy_from_logits(logits.float() / temperature)  # (b, L)
+                    per_token = per_token - loss_cfg.entropy_coef * ent
+                    metrics["entropy"] = masked_mean(ent.detach(), mask)
+                share = _weight(mask, loss_cfg.aggregation) / mb_weight
+                loss = agg_fn(per_token, mask, **agg_kw) * share
+                loss.backward()
+                metrics["loss"] = loss.detach() / share.clamp(min=1e-12)
+                for k, v in metrics.items():
+                    sums[k] = sums.get(k, 0.0) + float(v)
+                count += 1
+            gnorm = torch.nn.utils.clip_grad_norm_(policy.parameters(), grad_clip if grad_clip > 0 else float("inf"))
+            sums["grad_norm"] = sums.get("grad_norm", 0.0) + float(gnorm) * grad_accum
+            optimizer.step()
+    return {k: v / count for k, v in sums.items()}
