@@ -28,7 +28,10 @@ from collections.abc import Sequence
 import numpy as np
 
 from finegrain.eval.metrics import accuracy_with_ci, wilson_interval
-from finegrain.tasks.base import STEP_CORRECT, STEP_WRONG
+
+# Same values as finegrain.tasks.base (a test checks they agree). Not imported from there so that
+# evaluation does not load the tasks package (and, through it, tokenizers and torch).
+STEP_CORRECT, STEP_WRONG = 1, 0
 
 
 def _flat(step_scores: Sequence[Sequence[float]], step_labels: Sequence[Sequence[int]]):
@@ -201,9 +204,9 @@ def best_threshold(step_scores: Sequence[Sequence[float]], true_first: Sequence[
         run_min = np.minimum.accumulate(np.asarray(r, dtype=float))  # (S,) non-increasing
         pred = np.searchsorted(-run_min, -cand, side="right")  # (U,) #steps with run_min ≥ t = ê, or S
         if e is None:
-            n_ok_hit += pred == len(run_min)
+            n_ok_hit += pred == len(run_min)  # ê = None
         else:
-            n_err_hit += pred == e
+            n_err_hit += (pred == e) & (pred < len(run_min))  # pred = S means ê = None, never a match
     n_err = sum(e is not None for e in true_first)
     n_ok = len(true_first) - n_err
     with np.errstate(invalid="ignore", divide="ignore"):

@@ -48,7 +48,7 @@ STEP_AGGREGATIONS = Registry("step aggregation")
 """name -> fn(step_scores (S,) float array, S ≥ 1) -> float. Called through :func:`aggregate_steps`."""
 
 
-@STEP_AGGREGATIONS.register("min", source="Implicit PRM bon_eval.py (default); Math-Shepherd")
+@STEP_AGGREGATIONS.register("min", source="Implicit PRM bon_eval.py (default); Math-Shepherd, arXiv 2312.08935")
 def step_min(step_scores: np.ndarray) -> float:
     """min_s r_s: a response is as good as its weakest step."""
     return float(np.min(step_scores))
@@ -306,8 +306,9 @@ def random_curve(correct, Ns: Sequence[int] | None = None) -> Curve:
 
 def _subsets(n: int, N: int, n_resamples: int, seed: int) -> np.ndarray:
     """(R, N) sample indices, each row sorted ascending. All C(n, N) subsets when that is at
-    most max(n_resamples, n) (exact; so N = 1, n − 1 and n are always exact), else ``n_resamples`` uniform random subsets drawn from
-    ``default_rng([seed, n, N])``, so the draws for one N do not depend on the other Ns."""
+    most max(n_resamples, n) (exact; so N = 1, n − 1 and n are always exact), else
+    ``n_resamples`` uniform random subsets drawn from ``default_rng([seed, n, N])``,
+    so the draws for one N do not depend on the other Ns."""
     if comb(n, N) <= max(n_resamples, n):
         return np.array(list(itertools.combinations(range(n), N)), dtype=np.int64).reshape(-1, N)
     rng = np.random.default_rng([seed, n, N])

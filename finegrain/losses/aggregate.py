@@ -67,7 +67,7 @@ def token_mean(per_token_loss: torch.Tensor, loss_mask: torch.Tensor, *, constan
                ) -> torch.Tensor:
     """Σ_i Σ_t m l / Σ_i Σ_t m: the mean over all trained tokens of the batch.
 
-    DAPO (arXiv:2503.14476, Eq. 8 token-level loss); verl ``agg_loss`` "token-mean".
+    DAPO (arXiv:2503.14476, token-level policy-gradient loss); verl ``agg_loss`` "token-mean".
 
     Args:
         per_token_loss: (B, L).

@@ -119,10 +119,10 @@ def test_bon_rank_probs_sum_to_one():
 
 
 def test_bon_curve_worked_example():
-    # Scores 0.9 (wrong), 0.7 (right), 0.7 (wrong), 0.1 (right); n = 4.
-    # tie="first": order = 0.9✗, 0.7✓, 0.7✗, 0.1✓ ; N=2 probs (3,2,1,0)/6 → 2/6 = 1/3
-    # tie="random": the 0.7 pair averages to ½ each → ½·2/6 + ½·1/6 = 1/4
-    # N=3 probs (3,1,0,0)/4 → first: 1/4 ; random: ½·(3+... wait ranks 2,3 get 1/4, 0/4) → ½·1/4 = 1/8
+    # Scores 0.9 (wrong), 0.7 (right), 0.7 (wrong), 0.1 (right); n = 4, ranks 1..4 in that order.
+    # p_r = C(4 − r, N − 1)/C(4, N):  N=1: ¼ each;  N=2: (3, 2, 1, 0)/6;  N=3: (3, 1, 0, 0)/4;  N=4: (1, 0, 0, 0)
+    # tie="first"  (correctness by rank 0, 1, 0, 1):   N=1 ½, N=2 2/6 = ⅓, N=3 ¼, N=4 0
+    # tie="random" (the 0.7 pair gets ½, ½: 0, ½, ½, 1): N=1 ½, N=2 ½·2/6 + ½·1/6 = ¼, N=3 ½·¼ = ⅛, N=4 0
     scores = [[0.9, 0.7, 0.7, 0.1]]
     correct = [[False, True, False, True]]
     first = bon_curve(scores, correct, Ns=[1, 2, 3, 4], tie="first").as_dict()
@@ -208,7 +208,8 @@ def test_vote_curves_exact_equal_enumeration():
 
 
 def test_vote_curve_worked_example():
-    # answers 7 7 9 None, 7 right. N=2 (6 subsets): {7,7}✓ {7,9}→7 first✓ ×2, {7,None}✓ ×2, {9,None}✗ → 5/6
+    # answers 7 7 9 None, 7 right. N=2 (6 subsets):
+    #   {7,7}✓, {7,9}→7 first ✓ ×2, {7,None}✓ ×2, {9,None}✗ → 5/6
     # weighted, w = 0.1 0.1 0.9 0.5: {7,7}: 0.2 ✓, {7,9}: 9 wins ✗ ×2, {7,None}✓ ×2, {9,None}✗ → 3/6
     answers, correct = [["7", "7", "9", None]], [[True, True, False, False]]
     assert majority_curve(answers, correct, Ns=[2]).as_dict() == pytest.approx({2: 5 / 6}, rel=1e-12)
