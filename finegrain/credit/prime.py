@@ -168,7 +168,8 @@ def prime_loo_exact(token_rewards: torch.Tensor, loss_mask: torch.Tensor, group_
     A_{i,t} = Σ_{s≥t, s∈P_i} γ^{k(s)−k(t)} (r_{i,s} − b_i)     (k counts trained tokens)
 
     The paper (arXiv:2502.01456, Eq. for A_t^i in §3) writes
-    A_t^i = Σ_{s=t}^{|y^i|} γ^{s−t}[r_φ(y_s^i) − (1/(K−1)) Σ_{j≠i} r_φ(y^j)] + r_o(y^i) − (1/(K−1)) Σ_{j≠i} r_o(y^j).
+    A_t^i = Σ_{s=t}^{|y^i|} γ^{s−t}[r_φ(y_s^i) − (1/(K−1)) Σ_{j≠i} r_φ(y^j)]
+            + r_o(y^i) − (1/(K−1)) Σ_{j≠i} r_o(y^j).
     Choice made here: the baseline is subtracted at every position *where the source's reward
     lives* (P_i), not at every token. For the implicit PRM (reward_at="token") P_i is every
     trained token, which is the paper's first term. For the outcome reward (reward_at="last") P_i

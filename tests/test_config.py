@@ -1,0 +1,82 @@
+from pathlib import Path
+
+import pytest
+import yaml
+
+from finegrain.cli.main import demo_config, main
+from finegrain.config import RunConfig, describe, dump_config, from_dict, load_config, to_dict
+from finegrain.registry import Registry
+
+CONFIGS = sorted(Path(__file__).resolve().parents[1].joinpath("configs").rglob("*.yaml"))
+
+
+def test_registry_duplicate_and_unknown():
+    r = Registry("thing")
+    r.register("a")(lambda: 1)
+    with pytest.raises(ValueError, match="registered twice"):
+        r.register("a")(lambda: 2)
+    with pytest.raises(KeyError, match="available: a"):
+        r.get("b")
+
+
+@pytest.mark.parametrize("path", CONFIGS, ids=[p.name for p in CONFIGS])
+def test_every_shipped_config_loads(path):
+    cfg = load_config(path)
+    assert isinstance(cfg, RunConfig)
+
+
+def test_configs_exist():
+    assert len(CONFIGS) >= 3
+
+
+def test_demo_config_matches_shipped_yaml():
+    shipped = load_config(Path(__file__).resolve().parents[1] / "configs" / "demo_cpu.yaml")
+    assert to_dict(shipped) == to_dict(demo_config("grpo"))
+
+
+def test_yaml_roundtrip(tmp_path):
+    cfg = load_config(None, ["train.steps=7", "rollout.temperature=0.5", "advantage.kwargs={scale_by_std: false}"])
+    dump_config(cfg, tmp_path / "c.yaml")
+    again = load_config(tmp_path / "c.yaml")
+    assert to_dict(again) == to_dict(cfg) and again.train.steps == 7 and again.advantage.kwargs == {"scale_by_std": False}
+
+
+@pytest.mark.parametrize("override,match", [
+    ("rollout.temprature=0.5", r"^rollout.temprature: unknown key; allowed: engine, prompts_per_step"),
+    ("train.steps=ten", r"^train.steps: expected an integer, got 'ten'"),
+    ("advantage.name=gpro", r"^advantage.name: expected one of .*grpo"),
+    ("advantage.kwargs={scale_by_sd: false}", r"^advantage.kwargs: unknown key 'scale_by_sd' for advantage estimator 'grpo'; allowed: scale_by_std, eps"),
+    ("loss.aggregation=mean", r"^loss.aggregation: expected one of"),
+    ("rollout.top_p=1.5", r"^rollout.top_p: expected in \(0, 1\]"),
+    ("train.minibatches=3", r"must divide the batch"),
+    ("rewards=[{name: verifier, wieght: 2}]", r"^rewards\[0\].wieght: unknown key"),
+])
+def test_bad_values_fail_with_one_line(override, match):
+    with pytest.raises(ValueError, match=match) as e:
+        load_config(None, [override])
+    assert "\n" not in str(e.value)
+
+
+def test_missing_and_invalid_files(tmp_path):
+    with pytest.raises(FileNotFoundError, match="nope.yaml"):
+        load_config(tmp_path / "nope.yaml")
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("train: [1, 2\n")
+    with pytest.raises(ValueError, match="bad.yaml: not valid YAML"):
+        load_config(bad)
+
+
+def test_cli_error_is_one_line(capsys):
+    with pytest.raises(SystemExit) as e:
+        main(["train", str(CONFIGS[0]), "train.stepz=3"])
+    assert e.value.code == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("finegrain: error: train.stepz: unknown key") and "\n" not in err
+
+
+def test_help_config_documents_every_field(capsys):
+    main(["train", "--help-config"])
+    out = capsys.readouterr().out
+    for key in ("rollout.temperature", "advantage.per_source", "loss.aggregation", "train.ppo_epochs", "prm.beta"):
+        assert key in out
+    assert all("\n    " in line and line.split("\n    ")[1].strip() for line in describe())
