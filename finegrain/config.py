@@ -325,6 +325,7 @@ def validate(cfg: RunConfig) -> None:
     _choice("rollout.engine", cfg.rollout.engine, ROLLOUT_ENGINES.names())
     for i, r in enumerate(cfg.rewards):
         _choice(f"rewards[{i}].name", r.name, REWARDS.names())
+        REWARDS.check_kwargs(r.name, r.kwargs, f"rewards[{i}].kwargs")
     names = [r.name for r in cfg.rewards]
     if len(set(names)) != len(names):
         raise ValueError(f"rewards: each signal may appear once, got {names}")

@@ -64,7 +64,8 @@ class Registry:
         ``where`` names the config field, e.g. ``advantage.kwargs``.
         """
         fn = self.get(name)
-        target = fn.__init__ if inspect.isclass(fn) else fn
+        # classes built through ``from_context(ctx, **kwargs)`` are checked against that signature
+        target = getattr(fn, "from_context", None) or (fn.__init__ if inspect.isclass(fn) else fn)
         params = inspect.signature(target).parameters
         allowed = [p for p, v in params.items() if v.kind == inspect.Parameter.KEYWORD_ONLY]
         for key in kwargs:

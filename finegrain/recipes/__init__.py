@@ -26,4 +26,19 @@ def demo_rloo() -> dict:
     return cfg
 
 
-DEMO_METHODS = {"grpo": demo_grpo, "rloo": demo_rloo}
+def demo_prime() -> dict:
+    """PRIME: verifier + online implicit PRM, per-source leave-one-out returns, whitened; PRIME's
+    accuracy-band filter. Differs from demo_grpo only in rewards, credit, filters and prm."""
+    cfg = demo_grpo()
+    cfg["rewards"] = [{"name": "verifier", "weight": 1.0}, {"name": "implicit_prm", "weight": 1.0}]
+    cfg["advantage"] = {"per_source": {
+        "verifier": {"name": "prime_loo_exact", "coef": 1.0, "kwargs": {"reward_at": "last"}},
+        "implicit_prm": {"name": "prime_rloo", "coef": 1.0, "kwargs": {"reward_at": "token"}}}, "whiten": True}
+    cfg["filters"] = {"filters": [{"name": "accuracy_band", "kwargs": {"low": 0.2, "high": 0.8}}],
+                      "oversample": 1.5, "max_refills": 2}
+    cfg["prm"] = {"beta": 0.05, "update": "after", "loss": "ce", "lr": 2e-4, "ref": "initial"}
+    cfg["train"]["out_dir"] = "runs/demo-prime"
+    return cfg
+
+
+DEMO_METHODS = {"grpo": demo_grpo, "rloo": demo_rloo, "prime": demo_prime}

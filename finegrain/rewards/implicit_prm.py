@@ -42,7 +42,7 @@ import torch
 from finegrain.masked import last_true_index, masked_mean, masked_sum
 from finegrain.models.logprobs import response_logprobs
 from finegrain.registry import Registry
-from finegrain.rewards.base import REWARDS, RewardOutput
+from finegrain.rewards.base import RewardOutput
 from finegrain.shapes import check_mask, check_shapes
 from finegrain.trajectory import token_to_step_sum
 
@@ -144,7 +144,6 @@ _LEVELS = ("token", "step")
 _GRANULARITIES = ("token", "whole")
 
 
-@REWARDS.register("implicit_prm", levels=_LEVELS)
 class ImplicitPRM:
     """Reward signal: β · (log π_φ − log π_ref) per response token, or summed per step.
 

@@ -35,8 +35,11 @@ from finegrain.tasks.base import STEP_CORRECT, STEP_UNPARSEABLE, STEP_WRONG, Exa
 SPLITS = ("train", "test")
 TEST_PER_MILLE = 100  # a problem is in 'test' iff sha1(prompt) mod 1000 < 100, so 10% of problems
 
-_COMPUTE_RE = re.compile(r"\s*(-?\d+)\s*([-+*])\s*(-?\d+)\s*=\s*(-?\d+)\s*")
-_ANSWER_RE = re.compile(r"\s*A\s*:\s*(-?\d+)\s*")
+# integers are capped at 100 digits (longer is garbage, and int() refuses > 4300 digits)
+_COMPUTE_RE = re.compile(r"\s*(-?\d{1,100})\s*([-+*])\s*(-?\d{1,100})\s*=\s*(-?\d{1,100})\s*")
+# answer line: "A: <int>" at the start of a line; anything after the integer is ignored, except
+# that "A: 3.5" (not an integer) is not an answer line
+_ANSWER_RE = re.compile(r"\s*A\s*:\s*(-?\d{1,100})(?!\d|\.\d).*", re.DOTALL)
 
 
 def _apply(a: int, op: str, b: int) -> int:
@@ -77,12 +80,14 @@ def format_solution(start: int, ops: list[tuple[str, int]], values: list[int]) -
 
 
 def parse_answer(response: str) -> int | None:
-    """The value of the last ``A: <int>`` line, or None. Other lines (garbage after the answer,
-    blank lines) are ignored; a line with more than ``A: <int>`` on it is not an answer line.
+    """The value of the last ``A: <int>`` line, or None. Other lines and anything after the
+    integer on the answer line (generation that ran past the answer) are ignored.
 
     >>> parse_answer("7+5=12\\nA: 12\\n  \\nxx+")
     12
-    >>> parse_answer("A: 12 apples") is None
+    >>> parse_answer("A: 12Q: 3 +4")
+    12
+    >>> parse_answer("A: 3.5") is None
     True
     """
     found = None

@@ -26,12 +26,12 @@ because in free-form reasoning a line with no arithmetic is not an error.
 from __future__ import annotations
 
 import json
-import math
 import os
 import re
 from decimal import Decimal
 from fractions import Fraction
 from pathlib import Path
+from typing import NamedTuple
 
 from finegrain.segment import newline
 from finegrain.tasks import TASKS
@@ -42,6 +42,7 @@ FIELDS = ("question", "answer")
 
 # ---- numbers --------------------------------------------------------------------------------
 
+MAX_DIGITS = 100  # longer numbers are garbage, not answers (and int() refuses > 4300 digits)
 _THOUSANDS_COMMA = re.compile(r"(?<=\d),(?=\d{3}(?!\d))")
 _NUMBER = re.compile(r"(?:(?<![\w.)])[-+])?(?:\d+(?:\.\d+)?|\.\d+)(?:\s*/\s*\d+(?![\d.]))?")
 
@@ -61,7 +62,7 @@ def normalize_number(s: str) -> str | None:
     ['72', '5', '1234', '18', '0', '0.75', '1/3', None]
     """
     m = _NUMBER.search(_clean(s))
-    if not m:
+    if not m or len(m.group(0)) > MAX_DIGITS:
         return None
     text = m.group(0).replace(" ", "")
     if "/" in text:
@@ -83,9 +84,9 @@ def normalize_number(s: str) -> str | None:
     return "0" if out in ("-0", "0") else out
 
 
-_MARKER = re.compile(r"####(.*)")
+_MARKER = re.compile(r"####")
 _BOXED = re.compile(r"\\boxed\{([^{}]*)\}")
-_ANSWER_LINE = re.compile(r"answer\s*(?:is|:|=)\s*:?(.*)|^\s*A\s*:(.*)", re.IGNORECASE | re.MULTILINE)
+_ANSWER_LINE = re.compile(r"answer\s*(?:is|:|=)\s*:?|^[ \t]*A[ \t]*:", re.IGNORECASE | re.MULTILINE)
 
 
 def extract_answer(text: str) -> str | None:
@@ -106,57 +107,137 @@ def extract_answer(text: str) -> str | None:
     """
     for pattern in (_MARKER, _BOXED, _ANSWER_LINE):
         for m in reversed(list(pattern.finditer(text))):
-            tail = next(g for g in m.groups() if g is not None)
-            got = normalize_number(tail.split("\n")[0])
+            tail = m.group(1) if pattern.groups else text[m.end():].split("\n")[0]
+            got = normalize_number(tail)
             if got is not None:
                 return got
     numbers = _NUMBER.findall(_clean(text))
     return normalize_number(numbers[-1]) if numbers else None
 
 
-def _to_fraction(canonical: str) -> Fraction:
-    return Fraction(canonical)
-
-
 def numbers_match(got: str, ref: str, *, rel_tol: float = 1e-6) -> bool:
-    """Numeric equality of two canonical number strings, relative tolerance ``rel_tol``."""
-    a, b = float(_to_fraction(got)), float(_to_fraction(ref))
-    return math.isclose(a, b, rel_tol=rel_tol, abs_tol=1e-12)
+    """Numeric equality of two canonical number strings (``normalize_number`` output), relative
+    tolerance ``rel_tol``.
+
+    >>> numbers_match("1/3", "0.333333333"), numbers_match("72", "72.5")
+    (True, False)
+    """
+    return _isclose(Fraction(got), Fraction(ref), rel_tol)
+
+
+def _isclose(a: Fraction, b: Fraction, rel_tol: float = 1e-6) -> bool:
+    """math.isclose on exact fractions (no float overflow on huge numbers)."""
+    return abs(a - b) <= max(Fraction(rel_tol) * max(abs(a), abs(b)), Fraction(1, 10**12))
 
 
 # ---- arithmetic checks ----------------------------------------------------------------------
 
-_TOKEN = re.compile(r"\s*(?:(\d{1,3}(?:,\d{3})+(?:\.\d+)?|\d+(?:\.\d+)?|\.\d+)(%?)|([-+*/()x×÷X])|(\$)|(.))")
-_OPS = {"x": "*", "X": "*", "×": "*", "÷": "/"}
+
+class Tok(NamedTuple):
+    """A token of a line. kind: 'num' (value = (Fraction, has %, decimals shown)), 'op'
+    (one of + - * / // ( )), 'eq', 'word' (letters), 'var' (a number that is not a quantity:
+    a coefficient glued to a letter as in 3x, a code with a leading zero as in 0730, or a run of
+    more than MAX_DIGITS characters),
+    'junk' (any other character). start/end: character range in the line."""
+
+    kind: str
+    value: object
+    start: int
+    end: int
 
 
-def _tokenize(text: str) -> list[tuple[str, object]]:
-    """('num', (Fraction, is_percent, decimals shown)) | ('op', one of '+-*/()') | ('junk', char);
-    '$' and spaces are dropped."""
-    out = []
-    for m in _TOKEN.finditer(text):
-        num, pct, op, _dollar, junk = m.groups()
-        if num is not None:
-            decimals = len(num.partition(".")[2])
-            out.append(("num", (Fraction(num.replace(",", "")), pct == "%", decimals)))
-        elif op is not None:
-            out.append(("op", _OPS.get(op, op)))
-        elif junk is not None and not junk.isspace():
-            out.append(("junk", junk))
-    return out
+# mixed numbers: "1 1/2", "5 and 2/3", "16 and (2/3)", "$3 and $1/3"
+_MIXED = re.compile(r"(\d+) +(?:and +\$?(\()?)?([1-9]\d*)/(\d+)(?(2)\))(?![\d.])")
+# numbers: 1,234.5 | 18 000 (space-grouped thousands) | 12 | .5
+_NUM = re.compile(r"(?:\d{1,3}(?:,\d{3})+(?!\d)|\d{1,3}(?: \d{3})+(?!\d|,\d|\.\d|/)|\d+)"
+                  r"(?:\.\d+)?|\.\d+")
+_WORD = re.compile(r"[^\W\d_]+")
+_OP_CHARS = {"+": "+", "-": "-", "\u2013": "-", "\u2212": "-", "*": "*", "×": "*", "·": "*",
+             "/": "/", "÷": "/", "(": "(", ")": ")"}
+
+
+def _tokenize(line: str) -> list[Tok]:
+    """Tokens of one line; spaces and '$' are skipped. A lone x/X between two operands is '*'."""
+    toks: list[Tok] = []
+    i, n = 0, len(line)
+    while i < n:
+        c = line[i]
+        if c.isspace() or c == "$":
+            i += 1
+            continue
+        if line.startswith(("==", "<=", ">=", "!="), i):
+            toks.append(Tok("junk", line[i:i + 2], i, i + 2))
+            i += 2
+            continue
+        m = _MIXED.match(line, i)
+        if m and int(m.group(3)) < int(m.group(4)):
+            value = int(m.group(1)) + Fraction(int(m.group(3)), int(m.group(4)))
+            toks.append(Tok("num", (value, False, 0), i, m.end()))
+            i = m.end()
+            continue
+        m = _NUM.match(line, i)
+        if m:
+            text, end = m.group(0), m.end()
+            percent = line.startswith("%", end)
+            if (len(text) > 1 and text[0] == "0" and text[1].isdigit()) or len(text) > MAX_DIGITS:
+                toks.append(Tok("var", text, i, end))
+            else:
+                decimals = len(text.partition(".")[2])
+                value = Fraction(text.replace(",", "").replace(" ", ""))
+                toks.append(Tok("num", (value, percent, decimals),
+                                i, end + percent))
+            i = end + percent
+            continue
+        if line.startswith("//", i):
+            toks.append(Tok("op", "//", i, i + 2))
+            i += 2
+            continue
+        if c in _OP_CHARS:
+            toks.append(Tok("op", _OP_CHARS[c], i, i + 1))
+            i += 1
+            continue
+        if c == "=":
+            toks.append(Tok("eq", "=", i, i + 1))
+            i += 1
+            continue
+        m = _WORD.match(line, i)
+        if m:
+            toks.append(Tok("word", m.group(0), i, m.end()))
+            i = m.end()
+            continue
+        toks.append(Tok("junk", c, i, i + 1))
+        i += 1
+    for k, t in enumerate(toks):
+        prev = toks[k - 1] if k else None
+        nxt = toks[k + 1] if k + 1 < len(toks) else None
+        if t.kind == "word" and t.value in ("x", "X") and prev and nxt \
+                and (prev.kind == "num" or prev.value == ")") \
+                and (nxt.kind == "num" or nxt.value == "("):
+            toks[k] = Tok("op", "*", t.start, t.end)
+        elif t.kind == "word" and len(t.value) == 1 and prev and prev.kind == "num" \
+                and prev.end == t.start:
+            toks[k - 1] = Tok("var", prev.value, prev.start, prev.end)  # 3x, 5A: a coefficient
+    return toks
+
+
+MAX_TOKENS = 100  # longer runs of numbers and operators are not checked
 
 
 class _Parser:
-    """Recursive descent: expr := term (+|- term)*; term := unary (*|/ unary)*;
-    unary := (+|-) unary | number | ( expr ). Percent signs divide by 100 when ``percent``."""
+    """Recursive descent over 'num'/'op' tokens:
+    expr := term (('+'|'-') term)*;  term := unary (('*'|'/'|'//') unary | implicit '*')*;
+    unary := ('+'|'-') unary | number | '(' expr ')'.
+    Implicit multiplication: ``2(3+4)``, ``(1/2)(4)``, ``(1/2) 278``. ``%`` divides by 100 when
+    ``percent`` is True."""
 
-    def __init__(self, tokens, percent: bool):
+    def __init__(self, tokens: list[Tok], percent: bool):
         self.tokens, self.pos, self.percent, self.binary_ops = tokens, 0, percent, 0
 
-    def peek(self):
-        return self.tokens[self.pos] if self.pos < len(self.tokens) else (None, None)
+    def peek(self) -> tuple[str | None, object]:
+        t = self.tokens[self.pos] if self.pos < len(self.tokens) else None
+        return (t.kind, t.value) if t else (None, None)
 
-    def take(self):
+    def take(self) -> tuple[str | None, object]:
         tok = self.peek()
         self.pos += 1
         return tok
@@ -172,14 +253,20 @@ class _Parser:
 
     def term(self) -> Fraction:
         value = self.unary()
-        while self.peek() in (("op", "*"), ("op", "/")):
-            op = self.take()[1]
+        while True:
+            kind, val = self.peek()
+            after_paren = self.tokens[self.pos - 1].value == ")"
+            if (kind, val) in (("op", "*"), ("op", "/"), ("op", "//")):
+                self.take()
+            elif (kind, val) == ("op", "(") or (kind == "num" and after_paren):
+                val = "*"  # implicit multiplication
+            else:
+                return value
             rhs = self.unary()
             self.binary_ops += 1
-            if op == "/" and rhs == 0:
-                raise ZeroDivisionError
-            value = value * rhs if op == "*" else value / rhs
-        return value
+            if val != "*" and rhs == 0:
+                raise ZeroDivisionError("division by zero")
+            value = value * rhs if val == "*" else value / rhs if val == "/" else Fraction(value // rhs)
 
     def unary(self) -> Fraction:
         kind, val = self.take()
@@ -197,18 +284,22 @@ class _Parser:
         raise ValueError(f"unexpected token {val!r}")
 
 
-def evaluate(tokens_or_text, *, percent: bool = True) -> tuple[Fraction, int]:
+def evaluate(expr: str | list[Tok], *, percent: bool = True) -> tuple[Fraction, int]:
     """Exact value of an arithmetic expression and its number of binary operations.
-    Raises ValueError (or ZeroDivisionError) if it is not one complete expression.
+    Raises ValueError (or ZeroDivisionError) unless the whole input is one expression.
 
     >>> evaluate("(80000+50000)*1.5")
     (Fraction(195000, 1), 2)
     >>> evaluate("20% * 50")
     (Fraction(10, 1), 1)
+    >>> evaluate("2(40+9)")
+    (Fraction(98, 1), 2)
     """
-    tokens = _tokenize(tokens_or_text) if isinstance(tokens_or_text, str) else tokens_or_text
+    tokens = _tokenize(expr) if isinstance(expr, str) else expr
     if not tokens:
         raise ValueError("empty expression")
+    if len(tokens) > MAX_TOKENS:
+        raise ValueError(f"expression longer than {MAX_TOKENS} tokens")  # bounds the recursion
     p = _Parser(tokens, percent)
     value = p.expr()
     if p.pos != len(tokens):
@@ -216,97 +307,165 @@ def evaluate(tokens_or_text, *, percent: bool = True) -> tuple[Fraction, int]:
     return value, p.binary_ops
 
 
+def _group_fractions(tokens: list[Tok]) -> list[Tok]:
+    """Parenthesise an unspaced integer fraction ``p/q`` that follows a division sign: prose
+    writes ``25 / 1/3`` for 25 ÷ (1/3), which left-to-right evaluation reads as (25 / 1) / 3."""
+    out, k = [], 0
+    while k < len(tokens):
+        a, slash, b = (tokens[k:k + 3] + [None, None])[:3]
+        if (b is not None and out and out[-1].value in ("/", "//")
+                and a.kind == "num" and slash.value == "/" and b.kind == "num"
+                and a.end == slash.start and slash.end == b.start
+                and a.value[0].denominator == 1 and b.value[0].denominator == 1):
+            out += [Tok("op", "(", a.start, a.start), a, slash, b, Tok("op", ")", b.end, b.end)]
+            k += 3
+        else:
+            out.append(a)
+            k += 1
+    return out
+
+
+def _readings(tokens: list[Tok]) -> list[tuple[Fraction, int]]:
+    """Every plausible (value, binary ops) of ``tokens`` in prose: '%' read as ÷100 and, when
+    there is a '%', also ignored; unspaced fractions grouped or not (``_group_fractions``).
+    [] if the tokens are not one expression."""
+    has_percent = any(t.kind == "num" and t.value[1] for t in tokens)
+    grouped = _group_fractions(tokens)
+    out = []
+    for toks in ((tokens, grouped) if len(grouped) != len(tokens) else (tokens,)):
+        for percent in ((True, False) if has_percent else (True,)):
+            try:
+                out.append(evaluate(toks, percent=percent))
+            except (ValueError, ZeroDivisionError):
+                pass
+    return out
+
+
 def _close(value: Fraction, claimed: Fraction, decimals: int) -> bool:
     """``claimed`` states ``value``: equal up to 1e-6 relative, or, when the claim is written with
     d decimals, within one unit of its last digit (GSM8K rounds and truncates: 10/3 = 3.33)."""
-    if math.isclose(float(value), float(claimed), rel_tol=1e-6, abs_tol=1e-12):
+    if _isclose(value, claimed):
         return True
     return decimals > 0 and abs(value - claimed) <= Fraction(1, 10 ** decimals)
 
 
-def _decimals(tokens) -> int:
-    """Decimals shown when ``tokens`` is one number (a rounded claim), else 0 (exact claim)."""
-    return tokens[0][1][2] if len(tokens) == 1 and tokens[0][0] == "num" else 0
+def _decimals(tokens: list[Tok]) -> int:
+    """Decimals shown when ``tokens`` is one number (a possibly rounded claim), else 0."""
+    return tokens[0].value[2] if len(tokens) == 1 and tokens[0].kind == "num" else 0
 
 
 def _check_annotation(body: str) -> bool:
     """``expr=c`` (c may itself be an expression): every side evaluates and all are equal."""
-    sides = body.split("=")
+    sides = [_tokenize(side) for side in body.split("=")]
     try:
-        values = [evaluate(side) for side in sides]
+        values = [evaluate(side)[0] for side in sides]
     except (ValueError, ZeroDivisionError):
         return False
-    first = values[0][0]
-    return all(_close(first, v, _decimals(_tokenize(side)))
-               for side, (v, _) in zip(sides[1:], values[1:]))
+    return all(_close(values[0], v, _decimals(side)) for side, v in zip(sides[1:], values[1:]))
 
 
-_RUN_CHARS = set("0123456789.,$% +-*/()x×÷X\t")
+_NOT_UNITS = {"percent", "percentage", "hundred", "hundreds", "thousand", "thousands", "million",
+              "millions", "billion", "dozen", "dozens", "half", "halves", "third", "thirds",
+              "quarter", "quarters", "times", "cents", "cent"}
 
 
-def _free_text_checks(text: str) -> list[bool]:
-    """Results of the equations ``<expression with an operator> = <number>`` in prose.
+def _units(toks: list[Tok]) -> set[str]:
+    """Words that can be read as units in this line: two or more letters, not a scale word, and
+    used at least twice ("20 sheep + 160 sheep = 180 sheep"). Plural 's' is ignored."""
+    words = [t.value.lower().rstrip("s") for t in toks
+             if t.kind == "word" and len(t.value) > 1 and t.value.lower() not in _NOT_UNITS]
+    return {w for w in words if words.count(w) > 1}
 
-    The left side is the longest run of expression characters right before '=' that parses
-    with at least one operator; the claim is passed if the left value equals any parseable
-    prefix of the right side (so both "5*2 = 10 + 3 = 13" and "6/8 = 3/4" read naturally). With
-    a '%' in either side, both readings of '%' (÷100 and none) are tried.
+
+def _is_unit(toks: list[Tok], k: int, units: set[str]) -> bool:
+    """``toks[k]`` is a unit word between a number and an operator or '=' (or a ')')."""
+    t = toks[k]
+    return (t.kind == "word" and t.value.lower().rstrip("s") in units
+            and k > 0 and toks[k - 1].kind == "num" and k + 1 < len(toks)
+            and toks[k + 1].kind in ("op", "eq") and toks[k + 1].value != "(")
+
+
+def _left_operand(toks: list[Tok], eq: int, units: set[str]) -> list[Tok] | None:
+    """The expression right before the '=' at ``toks[eq]``, or None when there is nothing to
+    check: no operator, or the expression visibly continues to the left (it starts with an
+    operator; it follows a one-letter word such as a variable or an 'x' sign, a word that
+    follows an operator, or a glued ':' as in 7:50).
+
+    Unit words (``_units``) between a number and an operator are skipped: "4 * 20 sheep = 80
+    sheep" is checked as 4 * 20 = 80.
     """
+    start = eq
+    while start > 0 and (toks[start - 1].kind in ("num", "op") or _is_unit(toks, start - 1, units)):
+        start -= 1
+    left = [t for t in toks[start:eq] if t.kind != "word"]
+    while left and left[0].value == ")":
+        left = left[1:]
+    while left and left[0].value == "(" and sum(t.value == "(" for t in left) > sum(
+            t.value == ")" for t in left):
+        left = left[1:]
+    if not left:
+        return None
+    before = toks[start - 1] if start > 0 else None
+    if before is not None and (
+            before.kind == "var"
+            or (before.kind == "word" and len(before.value) == 1)
+            or (before.kind == "word" and start > 1 and toks[start - 2].kind == "op")
+            or (before.value == ":" and before.end == left[0].start and start > 1
+                and toks[start - 2].kind == "num" and toks[start - 2].end == before.start)):
+        return None
+    if left[0].kind == "op" and left[0].value != "(" and not (
+            left[0].value == "-" and (before is None or before.kind in ("junk", "eq"))):
+        return None
+    return left
+
+
+def _right_operand(toks: list[Tok], eq: int, units: set[str]) -> list[Tok] | None:
+    """The numbers and operators right after the '=' at ``toks[eq]`` (unit words skipped), or
+    None when nothing is claimed or the claim continues into a variable ("= 30 + M")."""
+    end = eq + 1
+    while end < len(toks) and (toks[end].kind in ("num", "op") or _is_unit(toks, end, units)):
+        end += 1
+    right = [t for t in toks[eq + 1:end] if t.kind != "word"]
+    while right and right[-1].value == "(":
+        right = right[:-1]
+    if not right or (right[0].kind == "op" and right[0].value not in "(-") \
+            or (right[-1].kind == "op" and right[-1].value != ")"):
+        return None
+    after = toks[end] if end < len(toks) else None
+    if after is not None and after.value == ":" and after.start == right[-1].end:
+        return None  # a time, 8:20
+    return right
+
+
+def _free_text_checks(line: str) -> list[bool]:
+    """Results of the equations ``<expression with an operator> = <claim>`` in prose.
+
+    The sides are the runs of numbers and operators around '=' (``_left_operand``,
+    ``_right_operand``); the claim passes if the left value equals any prefix of the right run
+    that is an expression, so "5*2 = 10 + 3 = 13", "6/8 = 3/4" and "3/2 = 1 1/2" read
+    naturally. Every plausible reading of a side is tried (``_readings``), and a claim in cents
+    is also read in dollars. Prose is ambiguous; when unsure this gives no check rather than a
+    wrong one.
+    """
+    toks = _tokenize(line)
+    units = _units(toks)
     results = []
-    for m in re.finditer(r"(?<![<>=!])=(?!=)", text):
-        i = m.start()
-        j = i
-        while j > 0 and text[j - 1] in _RUN_CHARS:
-            j -= 1
-        left = _tokenize(text[j:i])
-        while left and left[-1][0] == "junk":
-            left.pop()
-        cut = max((k + 1 for k, (kind, _) in enumerate(left) if kind == "junk"), default=0)
-        left = left[cut:]
-        k = i + 1
-        while k < len(text) and text[k] in _RUN_CHARS:
-            k += 1
-        right = _tokenize(text[i + 1:k])
-        cut = next((n for n, (kind, _) in enumerate(right) if kind == "junk"), len(right))
-        right = right[:cut]
-        lhs_values = _longest_suffix_values(left)
-        if not lhs_values:
+    for eq, t in enumerate(toks):
+        if t.kind != "eq":
             continue
-        rhs = _prefix_claims(right)
-        if not rhs:
+        left = _left_operand(toks, eq, units)
+        right = _right_operand(toks, eq, units)
+        if left is None or right is None:
             continue
-        results.append(any(_close(lv, rv, dec) for lv in lhs_values for rv, dec in rhs))
+        lhs = [v for v, n_ops in _readings(left) if n_ops > 0]
+        claims = [(v, _decimals(right[:k])) for k in range(1, min(len(right), MAX_TOKENS) + 1)
+                  for v, _ in _readings(right[:k])]
+        end = next((k for k in range(eq + 1, len(toks)) if toks[k].start >= right[-1].end), None)
+        if end is not None and str(toks[end].value).lower() in ("cents", "cent"):
+            claims += [(v / 100, d + 2) for v, d in claims]  # "$2.50 - $2.24 = 26 cents"
+        if lhs and claims:
+            results.append(any(_close(lv, rv, d) for lv in lhs for rv, d in claims))
     return results
-
-
-def _longest_suffix_values(tokens) -> list[Fraction]:
-    """Values (for both readings of %) of the longest suffix that is an expression with ≥1 op."""
-    for start in range(len(tokens)):
-        values = []
-        for percent in (True, False):
-            try:
-                value, n_ops = evaluate(tokens[start:], percent=percent)
-            except (ValueError, ZeroDivisionError):
-                break
-            if n_ops == 0:
-                break
-            values.append(value)
-        if values:
-            return values
-    return []
-
-
-def _prefix_claims(tokens) -> list[tuple[Fraction, int]]:
-    """(value, decimals shown) for every prefix of the right side that is an expression."""
-    claims = []
-    for end in range(1, len(tokens) + 1):
-        for percent in (True, False):
-            try:
-                value, _ = evaluate(tokens[:end], percent=percent)
-            except (ValueError, ZeroDivisionError):
-                continue
-            claims.append((value, _decimals(tokens[:end])))
-    return claims
 
 
 _ANNOTATION = re.compile(r"<<([^<>]*)>>")

@@ -247,7 +247,7 @@ def train(cfg: RunConfig, *, stop_after: int | None = None, log: Callable[[str],
                                      max_new_tokens=cfg.rollout.max_new_tokens, generator=shuffle_gen)
             smetrics = {}
             for n, s in trainables.items():  # online reward-model updates (implicit PRM)
-                smetrics.update(prefixed(f"reward/{n}", s.update(traj, outputs)))
+                smetrics.update(prefixed(f"reward/{n}", s.update(traj)))
             scheduler.step()
             t_upd = time.time()
             # ---- log

@@ -209,8 +209,10 @@ def test_reusing_the_update_forward_gives_the_same_rewards(models):
 
 def test_registered_and_validated(models):
     prm, ref = models
-    assert REWARDS.get("implicit_prm") is ImplicitPRM
-    REWARDS.check_kwargs("implicit_prm", {"beta": 0.1, "level": "step", "micro_batch": 4}, "rewards.kwargs")
+    from finegrain.rewards.online_prm import OnlineImplicitPRM
+
+    assert issubclass(REWARDS.get("implicit_prm"), ImplicitPRM) and REWARDS.get("implicit_prm") is OnlineImplicitPRM
+    REWARDS.check_kwargs("implicit_prm", {"level": "step", "micro_batch": 4}, "rewards.kwargs")
     with pytest.raises(ValueError, match="level"):
         ImplicitPRM(prm, ref, level="outcome")
     with pytest.raises(ValueError, match="granularity"):

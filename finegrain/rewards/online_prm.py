@@ -1,0 +1,128 @@
+"""The implicit PRM as used online by PRIME: scored and updated on every RL batch.
+
+The PRM π_φ starts as a copy of the starting policy (PRIME initialises it from the SFT model);
+π_ref is a frozen copy of the starting policy (``prm.ref=initial``) or the rollout policy's own
+log-probs (``prm.ref=policy``). Labels are the task verifier's outcomes (0/1), so the PRM learns
+from outcome labels only.
+
+Update modes (``prm.update``):
+    after   score with a forward that keeps its graph, then take one PRM step with the same
+            forward (PRIME's default; one PRM forward per RL step)
+    before  take the PRM step first, then score with the updated PRM (a second forward); the
+            reference repo's 'before' crashes, verl's recipe implements it this way
+    none    score only (a frozen PRM)
+
+Departures: (1) one PRM optimizer step per RL step on the whole batch (PRIME splits it into
+mini-batches); (2) the PRM's own AdamW with constant LR and gradient clipping ``prm.grad_clip``.
+"""
+
+from __future__ import annotations
+
+import copy
+
+import torch
+
+from finegrain.credit.prime import prime_batch_norm
+from finegrain.losses.prm import implicit_prm_ce_loss, implicit_prm_dpo_loss
+from finegrain.rewards.base import REWARDS, RewardOutput
+from finegrain.rewards.implicit_prm import ImplicitPRM
+from finegrain.train.checkpoint import load_weights_into
+
+
+@REWARDS.register("implicit_prm", levels=("token", "step"))
+class OnlineImplicitPRM(ImplicitPRM):
+    """ImplicitPRM plus its own optimizer and online update.
+
+    Keyword args (``rewards[i].kwargs``): level, granularity, micro_batch — see ImplicitPRM —
+    and ``norm``: 'none' | 'batch_norm' (PRIME's prime_norm: divide token rewards by the largest
+    |return-to-go| in the batch). β, the update mode, the loss and the learning rate live in the
+    ``prm`` config section.
+    """
+
+    def __init__(self, prm_model, ref_model, *, task, beta: float = 0.05, level: str = "token",
+                 granularity: str = "token", micro_batch: int | None = None, temperature: float = 1.0,
+                 update: str = "after", loss: str = "ce", lr: float = 1e-6, grad_clip: float = 10.0,
+                 norm: str = "none"):
+        super().__init__(prm_model, ref_model, beta=beta, level=level, granularity=granularity,
+                         micro_batch=micro_batch, temperature=temperature)
+        if update not in ("after", "before", "none"):
+            raise ValueError(f"prm.update: expected after | before | none, got '{update}'")
+        if loss not in ("ce", "dpo"):
+            raise ValueError(f"prm.loss: expected ce | dpo, got '{loss}'")
+        if norm not in ("none", "batch_norm"):
+            raise ValueError(f"implicit_prm.norm: expected none | batch_norm, got '{norm}'")
+        self.task, self.update_mode, self.loss_name, self.grad_clip, self.norm = task, update, loss, grad_clip, norm
+        self.optimizer = torch.optim.AdamW(prm_model.parameters(), lr=lr, weight_decay=0.0)
+        self._pending = None
+        self._last_metrics: dict = {}
+
+    @classmethod
+    def from_context(cls, ctx, *, level: str = "token", granularity: str = "token", micro_batch: int | None = None,
+                     norm: str = "none"):
+        prm = copy.deepcopy(ctx.policy)
+        for p in prm.parameters():
+            p.requires_grad_(True)
+        ref = ctx.initial_policy() if ctx.cfg.prm.ref == "initial" else None
+        c = ctx.cfg.prm
+        return cls(prm, ref, task=ctx.task, beta=c.beta, level=level, granularity=granularity, micro_batch=micro_batch,
+                   temperature=ctx.cfg.rollout.temperature, update=c.update, loss=c.loss, lr=c.lr,
+                   grad_clip=c.grad_clip, norm=norm)
+
+    def labels(self, traj) -> torch.Tensor:
+        """(B,) float outcome labels from the task verifier."""
+        return torch.tensor([self.task.verify(ex, t) for ex, t in zip(traj.examples, traj.response_texts)],
+                            dtype=torch.float32, device=traj.response_ids.device)
+
+    def _loss(self, prm_lp, ref_lp, traj):
+        labels = self.labels(traj)
+        mask = traj.loss_mask
+        if self.loss_name == "ce":
+            return implicit_prm_ce_loss(prm_lp, ref_lp, mask, labels, beta=self.beta)
+        return implicit_prm_dpo_loss(prm_lp, ref_lp, mask, labels, traj.group_ids, beta=self.beta)
+
+    def _step(self, loss: torch.Tensor) -> float:
+        self.optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        gnorm = torch.nn.utils.clip_grad_norm_(self.prm_model.parameters(),
+                                               self.grad_clip if self.grad_clip > 0 else float("inf"))
+        self.optimizer.step()
+        return float(gnorm)
+
+    def _output(self, log_ratio: torch.Tensor, traj) -> RewardOutput:
+        out = self.output_from_log_ratio(log_ratio, traj)
+        if self.norm == "batch_norm" and out.level == "token":
+            out.values = prime_batch_norm(out.values, out.mask)
+        return out
+
+    def __call__(self, traj) -> RewardOutput:
+        self.prm_model.train()
+        if self.update_mode == "after":
+            prm_lp, ref_lp = self.logprobs(traj, grad=True)  # (B, L) each; graph kept for update()
+            self._pending = (prm_lp, ref_lp, traj)
+            return self._output((prm_lp.detach() - ref_lp), traj)
+        if self.update_mode == "before":
+            prm_lp, ref_lp = self.logprobs(traj, grad=True)
+            loss, metrics = self._loss(prm_lp, ref_lp, traj)
+            gnorm = self._step(loss)
+            self._last_metrics = {"prm_loss": loss.detach(), "prm_grad_norm": gnorm, **metrics}
+        return self._output(self.log_ratio(traj), traj)
+
+    def update(self, traj) -> dict:
+        """The 'after' step on the forward kept by __call__; returns metrics (plain keys)."""
+        if self.update_mode != "after":
+            m, self._last_metrics = self._last_metrics, {}
+            return m
+        prm_lp, ref_lp, scored = self._pending
+        if scored is not traj:
+            raise RuntimeError("implicit_prm.update: called on a batch it did not score")
+        loss, metrics = self._loss(prm_lp, ref_lp, traj)
+        gnorm = self._step(loss)
+        self._pending = None
+        return {"prm_loss": loss.detach(), "prm_grad_norm": gnorm, **metrics}
+
+    def state_dict_for_checkpoint(self):
+        return self.prm_model, {"optimizer": self.optimizer.state_dict()}
+
+    def load_checkpoint(self, directory, extra: dict) -> None:
+        load_weights_into(self.prm_model, directory)
+        self.optimizer.load_state_dict(extra["optimizer"])
