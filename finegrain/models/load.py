@@ -8,7 +8,7 @@ import os
 from pathlib import Path
 
 import torch
-from transformers import AutoModelForCausalLM, AutoTokenizer
+from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedTokenizerFast
 
 from finegrain.models.tiny import tiny_causal_lm
 from finegrain.models.tokenizer import char_tokenizer
@@ -24,6 +24,20 @@ def resolve_device(name: str) -> torch.device:
     return torch.device(name)
 
 
+def load_tokenizer(path: str | Path):
+    """The tokenizer saved at ``path`` (a directory or Hub id).
+
+    Tokenizers we build ourselves (``finegrain.models.tokenizer``) are saved as a plain
+    ``tokenizers`` backend. ``AutoTokenizer`` would load them as the model family's own class
+    (e.g. Qwen2Tokenizer for a Qwen2-shaped model), which re-splits text its own way and drops
+    spaces and newlines, so those are loaded as PreTrainedTokenizerFast.
+    """
+    cfg = Path(path) / "tokenizer_config.json"
+    if cfg.exists() and json.loads(cfg.read_text()).get("tokenizer_class") in ("TokenizersBackend", "PreTrainedTokenizerFast"):
+        return PreTrainedTokenizerFast.from_pretrained(path)
+    return AutoTokenizer.from_pretrained(path)
+
+
 def load_pretrained(path: str, dtype: str = "float32", device: str = "auto"):
     """Any AutoModelForCausalLM from a local directory or the Hub, with its tokenizer.
 
@@ -31,7 +45,7 @@ def load_pretrained(path: str, dtype: str = "float32", device: str = "auto"):
     """
     if not (Path(path).exists() or "/" in path):
         raise FileNotFoundError(f"model.path: '{path}' is neither a directory nor a Hub id (owner/name)")
-    tok = AutoTokenizer.from_pretrained(path)
+    tok = load_tokenizer(path)
     if tok.pad_token_id is None:
         tok.pad_token = tok.eos_token
     model = AutoModelForCausalLM.from_pretrained(path, dtype=DTYPES[dtype]).to(resolve_device(device))
@@ -55,7 +69,7 @@ def warm_started_tiny(task, task_kwargs: dict, model_cfg, sft_cfg, log=print):
     cache = Path(os.environ.get("FINEGRAIN_CACHE", sft_cfg.cache_dir)) / f"sft-{task.name}-{sft_cache_key(payload)}"
     device = resolve_device(model_cfg.device)
     if (cache / "done.json").exists():
-        tok = AutoTokenizer.from_pretrained(cache)
+        tok = load_tokenizer(cache)
         model = AutoModelForCausalLM.from_pretrained(cache, dtype=DTYPES[model_cfg.dtype]).to(device)
         info = json.loads((cache / "done.json").read_text())
         log(f"loaded warm-started model from cache {cache}")
