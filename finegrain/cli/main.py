@@ -64,7 +64,13 @@ def main(argv: list[str] | None = None) -> None:
     s = sub.add_parser("sft", help="supervised warm start of a tiny model on a task (cached)")
     s.add_argument("config", nargs="?")
     s.add_argument("overrides", nargs="*")
+    from finegrain.cli import prm_cmd
+
+    prm_cmd.add_parser(sub)
     args = ap.parse_args(argv)
+    if args.cmd == "prm":
+        prm_cmd.run(args)
+        return
 
     try:
         if args.cmd == "train" and args.help_config:

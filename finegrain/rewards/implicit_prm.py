@@ -97,6 +97,8 @@ def _zero_if_empty(score: torch.Tensor, step_mask: torch.Tensor) -> torch.Tensor
 @STEP_SCORE_AGGREGATIONS.register("min")
 def _score_min(step_values: torch.Tensor, step_mask: torch.Tensor) -> torch.Tensor:
     """min_k r_k: a response is as good as its worst step (ImplicitPRM best-of-N default)."""
+    if step_values.shape[1] == 0:  # a batch in which no response has a step
+        return step_values.new_zeros(step_values.shape[0])
     inf = torch.full((), float("inf"), dtype=step_values.dtype, device=step_values.device)
     return _zero_if_empty(torch.where(step_mask, step_values, inf).min(dim=1).values, step_mask)
 
@@ -116,6 +118,8 @@ def _score_mean(step_values: torch.Tensor, step_mask: torch.Tensor) -> torch.Ten
 @STEP_SCORE_AGGREGATIONS.register("last")
 def _score_last(step_values: torch.Tensor, step_mask: torch.Tensor) -> torch.Tensor:
     """r_K, the reward of the row's last step."""
+    if step_values.shape[1] == 0:
+        return step_values.new_zeros(step_values.shape[0])
     last = last_true_index(step_mask)                                            # (B,)
     picked = torch.gather(step_values, 1, last.clamp(min=0)[:, None]).squeeze(1)  # (B,)
     return torch.where(last >= 0, picked, torch.zeros_like(picked))

@@ -60,13 +60,13 @@ class PRMRow:
     extra: dict[str, Any] = field(default_factory=dict)
 
     def to_json(self) -> dict[str, Any]:
-        """The row as it would be written back: extra keys, prompt, response, label, group."""
-        out = {**self.extra, "prompt": self.prompt, "response": self.response}
+        """The row as a JSON object: prompt, response, label (if any), group (if not the prompt), extras."""
+        out: dict[str, Any] = {"prompt": self.prompt, "response": self.response}
         if self.label is not None:
             out["label"] = self.label
         if self.group != self.prompt:
             out["group"] = self.group
-        return out
+        return {**out, **self.extra}
 
 
 def _label(value: Any, where: str) -> float:

@@ -178,6 +178,8 @@ class ArithTask:
             raise ValueError(f"arith: split must be one of {SPLITS}, got {split!r}")
         if n is None:
             n = 10_000 if split == "train" else 1_000
+            if self.num_problems() < 200_000:  # small configurations: all problems of the split
+                n = min(n, sum(split_of(format_problem(*p)) == split for p in self._enumerate()))
         if n < 0:
             raise ValueError(f"arith: n must be >= 0, got {n}")
         if split not in self._cache:

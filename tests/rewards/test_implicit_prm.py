@@ -221,3 +221,9 @@ def test_registered_and_validated(models):
         ImplicitPRM(prm, ref, level="step", granularity="whole")
     with pytest.raises(ValueError, match="beta"):
         ImplicitPRM(prm, ref, beta=0.0)
+
+
+@pytest.mark.parametrize("how", ["min", "sum", "mean", "last"])
+def test_sequence_score_with_no_steps_in_batch(how):
+    out = sequence_score(torch.zeros(3, 0), torch.zeros(3, 0, dtype=torch.bool), how)
+    assert out.tolist() == [0.0, 0.0, 0.0]

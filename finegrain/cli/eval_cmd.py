@@ -1,0 +1,324 @@
+"""``finegrain eval``: evaluate a checkpoint on a task and write a report directory.
+
+    finegrain eval --model PATH_OR_RUN_DIR --task arith|gsm8k [--task-kwargs JSON]
+                   [--n-problems 500] [--samples 16] [--temperature 1.0] [--max-new-tokens 48]
+                   [--scorers oracle,implicit_prm,random] [--prm PATH] [--prm-ref PATH]
+                   [--search beam,early_reject] [--out DIR] [--seed 0]
+
+``--model`` is a Hugging Face model directory (or Hub id), or a ``finegrain train`` run
+directory, which resolves to its latest checkpoint's ``policy`` directory. See docs/eval.md.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from pathlib import Path
+
+
+def _csv(text: str) -> list[str]:
+    """Non-empty items of a comma-separated flag value."""
+    return [t.strip() for t in text.split(",") if t.strip()]
+
+
+def _ints(flag: str, text: str) -> tuple[int, ...]:
+    """Positive integers of a comma-separated flag value; errors name ``flag``."""
+    try:
+        out = tuple(int(t) for t in _csv(text))
+    except ValueError:
+        raise ValueError(f"{flag}: expected comma-separated integers, got '{text}'") from None
+    if not out or min(out) < 1:
+        raise ValueError(f"{flag}: expected positive integers, got '{text}'")
+    return out
+
+
+def add_parser(subparsers) -> argparse.ArgumentParser:
+    """Register ``eval`` on an argparse sub-parsers object; returns the parser."""
+    e = subparsers.add_parser(
+        "eval", help="evaluate a checkpoint: best-of-N / votes / step search with reward scorers, HTML report",
+        description="Sample N responses per problem, score them (verifier oracle, implicit PRM, random, ...), "
+                    "report best-of-N and weighted-vote accuracy against N, process metrics against exact step "
+                    "labels, optional PRM-guided step search, and write a report directory.")
+    e.add_argument("--model", required=True, help="HF model directory or Hub id, or a run directory "
+                                                  "(uses checkpoints/latest → policy)")
+    e.add_argument("--task", default=None, help="arith | gsm8k (default: the run directory's task, else arith)")
+    e.add_argument("--task-kwargs", default=None, help="JSON object of task constructor arguments, "
+                                                       "e.g. '{\"min_steps\": 2, \"max_steps\": 4}'")
+    e.add_argument("--split", default="test", help="train | test (default test)")
+    e.add_argument("--n-problems", type=int, default=500, help="problems to evaluate (first ones of the split)")
+    e.add_argument("--samples", type=int, default=16, help="samples per problem (largest N)")
+    e.add_argument("--temperature", type=float, default=1.0, help="sampling temperature (0 = greedy)")
+    e.add_argument("--top-p", type=float, default=1.0, help="nucleus sampling (1.0 = off)")
+    e.add_argument("--top-k", type=int, default=0, help="top-k sampling (0 = off)")
+    e.add_argument("--max-new-tokens", type=int, default=48, help="response budget in tokens")
+    e.add_argument("--scorers", default="oracle,random",
+                   help="comma-separated scorers: oracle, step_oracle, implicit_prm, random")
+    e.add_argument("--aggregation", default="min", help="step aggregation for step-level scorers in the main "
+                                                        "curves: min | sum | last | mean | product")
+    e.add_argument("--prm", default=None, help="implicit PRM model directory or run directory (default: the run's "
+                                               "trained implicit_prm checkpoint if any, else the policy itself)")
+    e.add_argument("--prm-ref", default=None, help="reference model of the implicit PRM (default for a run "
+                                                   "directory: the model the run started from)")
+    e.add_argument("--beta", type=float, default=0.05, help="β of the implicit PRM")
+    e.add_argument("--search", default="", help="comma-separated step searches: beam, early_reject (default none)")
+    e.add_argument("--search-scorer", default=None, help="scorer guiding the search (default: first step-level "
+                                                         "scorer of --scorers)")
+    e.add_argument("--search-beams", default="4,8,16", help="values of N for the searches")
+    e.add_argument("--beam-width", type=int, default=4, help="M: continuations per kept beam")
+    e.add_argument("--tau", type=int, default=4, help="τ: tokens of a partial step before early rejection")
+    e.add_argument("--max-steps", type=int, default=8, help="search iterations (steps)")
+    e.add_argument("--max-step-tokens", type=int, default=0, help="cap on one step's tokens (0 = none)")
+    e.add_argument("--search-aggregation", default="last", help="candidate score in the search (default last, "
+                                                                "as ER-PRM)")
+    e.add_argument("--search-problems", type=int, default=100, help="search on the first problems only")
+    e.add_argument("--html-problems", type=int, default=20, help="problems shown on report.html")
+    e.add_argument("--max-batch", type=int, default=256, help="rows per generate call")
+    e.add_argument("--chunk-problems", type=int, default=64, help="problems sampled and scored together")
+    e.add_argument("--device", default="auto", help="cpu | cuda | auto")
+    e.add_argument("--threads", type=int, default=0, help="torch CPU threads (0 = torch's default)")
+    e.add_argument("--no-chat-template", action="store_true", help="feed raw prompts even if the tokenizer has "
+                                                                    "a chat template")
+    e.add_argument("--out", default="runs/eval", help="report directory")
+    e.add_argument("--seed", type=int, default=0, help="sampling seed")
+    e.add_argument("--quiet", action="store_true", help="no progress output")
+    return e
+
+
+# ---------------------------------------------------------------------------------- resolution
+
+
+def resolve_model_dir(path: str, flag: str = "--model", sub: str = "policy") -> tuple[str, Path | None]:
+    """(model directory or Hub id, run directory or None) for a ``--model``-like argument.
+
+    A directory with ``config.json`` is a model directory; one with ``checkpoints/latest`` is a
+    run directory and resolves to ``<latest checkpoint>/<sub>``. A missing path containing one
+    '/' and not starting with '.' or '/' is taken as a Hub id.
+    """
+    from finegrain.train.checkpoint import latest_checkpoint
+
+    p = Path(path)
+    if not p.exists():
+        if path.count("/") == 1 and not path.startswith((".", "/", "~")):
+            return path, None
+        raise FileNotFoundError(f"{flag}: '{path}' does not exist")
+    if (p / "config.json").is_file():
+        return str(p), None
+    if (p / "checkpoints" / "latest").is_file():
+        ck = latest_checkpoint(p)
+        if ck is None:
+            raise FileNotFoundError(f"{flag}: run directory '{path}' has no complete checkpoint "
+                                    f"(checkpoints/latest names a missing one)")
+        if not (ck / sub / "config.json").is_file():
+            raise FileNotFoundError(f"{flag}: checkpoint '{ck}' has no '{sub}' model directory")
+        return str(ck / sub), p
+    raise FileNotFoundError(f"{flag}: '{path}' is neither a model directory (config.json) nor a run directory "
+                            f"(checkpoints/latest)")
+
+
+def _run_config(run_dir: Path | None) -> dict:
+    """The run directory's config.yaml as a dict ({} if none)."""
+    if run_dir is None or not (run_dir / "config.yaml").is_file():
+        return {}
+    import yaml
+
+    return yaml.safe_load((run_dir / "config.yaml").read_text()) or {}
+
+
+def _initial_model(run_dir: Path | None) -> str | None:
+    """The model a run started from: report.json's init path, else config.yaml's model.path."""
+    if run_dir is None:
+        return None
+    rep = run_dir / "report.json"
+    if rep.is_file():
+        path = (json.loads(rep.read_text()).get("init") or {}).get("path")
+        if path:
+            return path
+    return (_run_config(run_dir).get("model") or {}).get("path") or None
+
+
+def _load_model_only(path: str, flag: str, device):
+    """A causal LM without its tokenizer (checkpointed PRMs are saved without one)."""
+    from transformers import AutoModelForCausalLM
+
+    try:
+        model = AutoModelForCausalLM.from_pretrained(path)
+    except (OSError, ValueError) as err:
+        raise FileNotFoundError(f"{flag}: cannot load a causal LM from '{path}' ({str(err).splitlines()[0]})") from None
+    return model.to(device).eval()
+
+
+def _fail(msg: str) -> None:
+    """Print one error line and exit with status 2."""
+    print(f"finegrain eval: error: {msg}", file=sys.stderr)
+    raise SystemExit(2)
+
+
+# ------------------------------------------------------------------------------------------ run
+
+
+def run(args: argparse.Namespace) -> dict:
+    """Execute ``finegrain eval`` from parsed arguments; returns the metrics dict.
+
+    Any configuration error exits with status 2 and one line naming the flag or file.
+    """
+    try:
+        return _run(args)
+    except (ValueError, OSError, KeyError) as err:
+        _fail(str(err).strip('"').splitlines()[0] if str(err) else type(err).__name__)
+
+
+def _run(args: argparse.Namespace) -> dict:
+    """Validate flags, resolve and load models, run the evaluation, print a summary."""
+    import numpy as np
+
+    from finegrain.eval.experiment import SearchSpec, run_eval
+    from finegrain.eval.scorers import SCORERS, ScorerContext
+    from finegrain.eval.search import SEARCHES
+    from finegrain.eval.selection import STEP_AGGREGATIONS
+    from finegrain.models.load import load_pretrained, resolve_device
+    from finegrain.rollout.base import SamplingParams
+    from finegrain.tasks import TASKS
+
+    log = (lambda msg: None) if args.quiet else (lambda msg: print(msg, file=sys.stderr, flush=True))
+    t_start = time.time()
+    for flag, value in (("--n-problems", args.n_problems), ("--samples", args.samples),
+                        ("--max-new-tokens", args.max_new_tokens), ("--beam-width", args.beam_width),
+                        ("--tau", args.tau), ("--max-steps", args.max_steps), ("--max-batch", args.max_batch),
+                        ("--chunk-problems", args.chunk_problems), ("--search-problems", args.search_problems)):
+        if value < 1:
+            raise ValueError(f"{flag}: expected >= 1, got {value}")
+    if args.split not in ("train", "test"):
+        raise ValueError(f"--split: expected 'train' or 'test', got '{args.split}'")
+    if args.temperature < 0:
+        raise ValueError(f"--temperature: expected >= 0, got {args.temperature}")
+    if args.html_problems < 0 or args.max_step_tokens < 0:
+        raise ValueError("--html-problems / --max-step-tokens: expected >= 0")
+    scorers = _csv(args.scorers)
+    if not scorers:
+        raise ValueError("--scorers: give at least one scorer")
+    for name in scorers:
+        if name not in SCORERS:
+            raise ValueError(f"--scorers: unknown scorer '{name}'; available: {', '.join(SCORERS.names())}")
+    if args.aggregation not in STEP_AGGREGATIONS or args.search_aggregation not in STEP_AGGREGATIONS:
+        bad = args.aggregation if args.aggregation not in STEP_AGGREGATIONS else args.search_aggregation
+        raise ValueError(f"--aggregation/--search-aggregation: unknown '{bad}'; available: "
+                         f"{', '.join(STEP_AGGREGATIONS.names())}")
+    methods = tuple(_csv(args.search))
+    for m in methods:
+        if m not in SEARCHES:
+            raise ValueError(f"--search: unknown search '{m}'; available: {', '.join(SEARCHES.names())}")
+    budgets = _ints("--search-beams", args.search_beams)
+    if methods and args.search_scorer and args.search_scorer not in scorers:
+        if args.search_scorer not in SCORERS:
+            raise ValueError(f"--search-scorer: unknown scorer '{args.search_scorer}'")
+        scorers.append(args.search_scorer)
+    if methods and not args.search_scorer and not any(SCORERS.meta(n)["level"] == "step" for n in scorers):
+        raise ValueError("--search: needs a step-level scorer in --scorers or --search-scorer "
+                         "(implicit_prm, step_oracle)")
+
+    model_path, run_dir = resolve_model_dir(args.model)
+    run_cfg = _run_config(run_dir)
+    task_name = args.task or (run_cfg.get("task") or {}).get("name") or "arith"
+    if task_name not in TASKS:
+        raise ValueError(f"--task: unknown task '{task_name}'; available: {', '.join(TASKS.names())}")
+    if args.task_kwargs is not None:
+        try:
+            task_kwargs = json.loads(args.task_kwargs)
+        except json.JSONDecodeError as err:
+            raise ValueError(f"--task-kwargs: not valid JSON ({err.msg})") from None
+        if not isinstance(task_kwargs, dict):
+            raise ValueError("--task-kwargs: expected a JSON object")
+    else:
+        same_task = (run_cfg.get("task") or {}).get("name") == task_name
+        task_kwargs = (run_cfg.get("task") or {}).get("kwargs") or {} if same_task else {}
+    try:
+        task = TASKS.get(task_name)(**task_kwargs)
+    except TypeError as err:
+        raise ValueError(f"--task-kwargs: {err}") from None
+    examples = task.examples(args.split, args.n_problems)
+    if not examples:
+        raise ValueError(f"--n-problems: task '{task_name}' has no '{args.split}' problems")
+
+    prm_path = ref_path = None
+    if any(SCORERS.meta(n).get("needs") == "prm" for n in scorers):  # resolve every path before loading
+        if args.prm:
+            prm_path, _ = resolve_model_dir(args.prm, "--prm", sub="implicit_prm" if _has_prm(args.prm) else "policy")
+        elif run_dir is not None and _has_prm(str(run_dir)):
+            prm_path, _ = resolve_model_dir(str(run_dir), "--model", sub="implicit_prm")
+        else:
+            prm_path = model_path
+            log("implicit_prm: no --prm and no trained PRM in the run; using the policy itself as the PRM")
+        ref_arg = args.prm_ref or _initial_model(run_dir)
+        if ref_arg is None:
+            raise ValueError("--prm-ref: scorer implicit_prm needs a reference model (e.g. the SFT model the "
+                             "policy started from)")
+        ref_path, _ = resolve_model_dir(ref_arg, "--prm-ref")
+
+    if args.threads < 0:
+        raise ValueError(f"--threads: expected >= 0, got {args.threads}")
+    if args.threads:
+        import torch
+
+        torch.set_num_threads(args.threads)
+    if args.quiet:
+        from transformers.utils import logging as hf_logging
+
+        hf_logging.disable_progress_bar()
+    log(f"loading policy {model_path}")
+    model, tok = load_pretrained(model_path, device=args.device)
+    device = resolve_device(args.device)
+    ctx = ScorerContext(beta=args.beta, rng=np.random.default_rng(args.seed))
+    meta = {"model": model_path, "task_kwargs": task_kwargs, "split": args.split}
+    if prm_path is not None:
+        ctx.prm_model = model if prm_path == model_path else _load_model_only(prm_path, "--prm", device)
+        ctx.ref_model = model if ref_path == model_path else _load_model_only(ref_path, "--prm-ref", device)
+        if ctx.prm_model.config.vocab_size != model.config.vocab_size or \
+                ctx.ref_model.config.vocab_size != model.config.vocab_size:
+            raise ValueError("--prm/--prm-ref: the PRM and its reference must share the policy's tokenizer "
+                             f"(vocab sizes {ctx.prm_model.config.vocab_size}, {ctx.ref_model.config.vocab_size} "
+                             f"vs {model.config.vocab_size})")
+        meta.update(prm=prm_path, prm_ref=ref_path, beta=args.beta)
+        log(f"implicit PRM {prm_path}, reference {ref_path}, beta {args.beta}")
+
+    spec = SearchSpec(methods=methods, scorer=args.search_scorer, budgets=budgets, beam_width=args.beam_width,
+                      tau=args.tau, max_steps=args.max_steps, max_step_tokens=args.max_step_tokens or None,
+                      aggregation=args.search_aggregation, n_problems=args.search_problems)
+    sampling = SamplingParams(temperature=args.temperature, top_p=args.top_p, top_k=args.top_k,
+                              max_new_tokens=args.max_new_tokens)
+    log(f"evaluating {len(examples)} {task_name} problems x {args.samples} samples; scorers {', '.join(scorers)}")
+    metrics = run_eval(model, tok, task, examples, out_dir=args.out, scorers=scorers, ctx=ctx, samples=args.samples,
+                       sampling=sampling, seed=args.seed, aggregation=args.aggregation, search=spec,
+                       html_problems=args.html_problems, chunk_problems=args.chunk_problems,
+                       max_batch=args.max_batch, use_chat_template=not args.no_chat_template, meta=meta, log=log,
+                       progress=not args.quiet)
+    _summary(metrics, Path(args.out), time.time() - t_start, log)
+    return metrics
+
+
+def _has_prm(path: str) -> bool:
+    """True if ``path`` is a run directory whose latest checkpoint holds an ``implicit_prm`` model."""
+    from finegrain.train.checkpoint import latest_checkpoint
+
+    p = Path(path)
+    if not (p / "checkpoints" / "latest").is_file():
+        return False
+    ck = latest_checkpoint(p)
+    return ck is not None and (ck / "implicit_prm" / "config.json").is_file()
+
+
+def _summary(metrics: dict, out: Path, seconds: float, log) -> None:
+    """Accuracy and the accuracy-against-N table, for the terminal."""
+    curves = metrics["curves"]
+    acc = metrics["accuracy"]
+    log(f"accuracy {acc['mean']:.3f} [{acc['lo']:.3f}, {acc['hi']:.3f}] over {acc['n']} samples")
+    head = "N".ljust(22) + "".join(f"{n:>8}" for n in curves["Ns"])
+    log(head)
+    rows = [(f"best-of-N {k}", v) for k, v in curves["bon"].items()]
+    rows += [(f"vote {k}", v) for k, v in (curves.get("weighted_vote") or {}).items()]
+    if curves.get("majority_vote"):
+        rows.append(("majority vote", curves["majority_vote"]))
+    for label, ys in rows:
+        log(label[:22].ljust(22) + "".join(f"{y:8.3f}" for y in ys))
+    log(f"report: {out / 'report.html'}   metrics: {out / 'metrics.json'}   ({seconds:.0f}s)")
