@@ -74,7 +74,14 @@ def warm_started_tiny(task, task_kwargs: dict, model_cfg, sft_cfg, log=print):
         info = json.loads((cache / "done.json").read_text())
         log(f"loaded warm-started model from cache {cache}")
         return model, tok, {**info, "cached": True, "path": str(cache)}
-    corpus = task.sft_corpus(sft_cfg.n_examples, sft_cfg.flawed_fraction, sft_cfg.seed)
+    if hasattr(task, "sft_corpus"):
+        corpus = task.sft_corpus(sft_cfg.n_examples, sft_cfg.flawed_fraction, sft_cfg.seed)
+    else:  # a task without flawed solutions: its gold worked solutions
+        corpus = [(ex, ex.solution) for ex in task.examples("train", sft_cfg.n_examples) if ex.solution]
+        if not corpus:
+            raise ValueError(f"task '{task.name}': no worked solutions to warm-start a tiny model; set model.path")
+        if sft_cfg.flawed_fraction > 0:
+            log(f"task '{task.name}' has no flawed solutions; sft.flawed_fraction is ignored")
     pairs = [(task.format_prompt(ex), sol) for ex, sol in corpus]
     alphabet = sorted(set("".join(p + s for p, s in pairs)) | set("0123456789"))
     tok = char_tokenizer(alphabet)
