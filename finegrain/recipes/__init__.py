@@ -12,6 +12,10 @@ def demo_grpo() -> dict:
         "rollout": {"prompts_per_step": 16, "group_size": 8, "temperature": 1.0, "max_new_tokens": 48},
         "rewards": [{"name": "verifier", "weight": 1.0}],
         "advantage": {"name": "grpo"},
+        # PRIME's online accuracy filter, shared by every demo method so that they differ only in
+        # rewards and credit; groups that are all right or all wrong teach GRPO/RLOO nothing anyway
+        "filters": {"filters": [{"name": "accuracy_band", "kwargs": {"low": 0.2, "high": 0.8}}],
+                    "oversample": 1.5, "max_refills": 2},
         "loss": {"name": "ppo_clip", "aggregation": "token-mean"},
         "optim": {"lr": 1e-4, "grad_clip": 1.0},
         "eval": {"n_problems": 200, "samples": 4, "temperature": 1.0, "max_new_tokens": 48},
@@ -28,14 +32,12 @@ def demo_rloo() -> dict:
 
 def demo_prime() -> dict:
     """PRIME: verifier + online implicit PRM, per-source leave-one-out returns, whitened; PRIME's
-    accuracy-band filter. Differs from demo_grpo only in rewards, credit, filters and prm."""
+    accuracy-band filter. Differs from demo_grpo only in rewards, credit and the prm section."""
     cfg = demo_grpo()
     cfg["rewards"] = [{"name": "verifier", "weight": 1.0}, {"name": "implicit_prm", "weight": 1.0}]
     cfg["advantage"] = {"per_source": {
         "verifier": {"name": "prime_loo_exact", "coef": 1.0, "kwargs": {"reward_at": "last"}},
         "implicit_prm": {"name": "prime_rloo", "coef": 1.0, "kwargs": {"reward_at": "token"}}}, "whiten": True}
-    cfg["filters"] = {"filters": [{"name": "accuracy_band", "kwargs": {"low": 0.2, "high": 0.8}}],
-                      "oversample": 1.5, "max_refills": 2}
     cfg["prm"] = {"beta": 0.05, "update": "after", "loss": "ce", "lr": 2e-4, "ref": "initial"}
     cfg["train"]["out_dir"] = "runs/demo-prime"
     return cfg
