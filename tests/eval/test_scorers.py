@@ -15,6 +15,7 @@ from finegrain.eval.experiment import default_Ns, process_metrics, response_scor
 from finegrain.eval.report import SampleRecord
 from finegrain.eval.scorers import SCORERS, ScorerContext, Scores, score, vote_weights
 from finegrain.eval.search import Beam, candidates_trajectory
+from finegrain.eval.selection import STEP_AGGREGATIONS
 from finegrain.models.tokenizer import char_tokenizer
 from finegrain.tasks import TASKS
 from finegrain.tasks.base import Example
@@ -161,6 +162,7 @@ def test_every_scorer_declares_level_weight_and_center():
         m = SCORERS.meta(name)
         assert m["level"] in ("outcome", "step") and m["weight"] in ("identity", "sigmoid"), name
         assert isinstance(m["center"], float), name
+        assert m["value"] in STEP_AGGREGATIONS, name
     with pytest.raises(KeyError, match="available: implicit_prm, oracle, random, step_oracle"):
         SCORERS.get("nope")
 
