@@ -97,12 +97,18 @@ def main(argv: list[str] | None = None) -> None:
         from finegrain.models.load import warm_started_tiny
         from finegrain.tasks import TASKS
 
+        from transformers.utils import logging as hf_logging
+
+        hf_logging.disable_progress_bar()
         task = TASKS.get(cfg.task.name)(**cfg.task.kwargs)
         _, _, info = warm_started_tiny(task, cfg.task.kwargs, cfg.model, cfg.sft)
         print(json.dumps(info, indent=2))
         return
+    from transformers.utils import logging as hf_logging
+
     from finegrain.train.loop import train
 
+    hf_logging.disable_progress_bar()  # per-file "Loading weights" bars drown the run's own progress
     try:
         report = train(cfg)
     except (ValueError, FileNotFoundError) as e:
