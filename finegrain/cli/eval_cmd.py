@@ -18,6 +18,9 @@ import time
 from pathlib import Path
 
 
+AUTO_ONE_THREAD_PARAMS = 20_000_000
+
+
 def _csv(text: str) -> list[str]:
     """Non-empty items of a comma-separated flag value."""
     return [t.strip() for t in text.split(",") if t.strip()]
@@ -70,14 +73,17 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
     e.add_argument("--tau", type=int, default=4, help="τ: tokens of a partial step before early rejection")
     e.add_argument("--max-steps", type=int, default=8, help="search iterations (steps)")
     e.add_argument("--max-step-tokens", type=int, default=0, help="cap on one step's tokens (0 = none)")
-    e.add_argument("--search-aggregation", default="last", help="candidate score in the search (default last, "
-                                                                "as ER-PRM)")
+    e.add_argument("--search-aggregation", default=None, help="candidate score in the search: min | sum | last | "
+                                                              "mean | product (default: the scorer's own, sum "
+                                                              "= Q-value for implicit_prm, else last as ER-PRM)")
     e.add_argument("--search-problems", type=int, default=100, help="search on the first problems only")
     e.add_argument("--html-problems", type=int, default=20, help="problems shown on report.html")
     e.add_argument("--max-batch", type=int, default=256, help="rows per generate call")
     e.add_argument("--chunk-problems", type=int, default=64, help="problems sampled and scored together")
     e.add_argument("--device", default="auto", help="cpu | cuda | auto")
-    e.add_argument("--threads", type=int, default=0, help="torch CPU threads (0 = torch's default)")
+    e.add_argument("--threads", type=int, default=0, help="torch CPU threads; 0 = auto: 1 for a model under "
+                                                          f"{AUTO_ONE_THREAD_PARAMS // 10**6}M parameters on CPU "
+                                                          "(tiny matrices gain nothing from more), else torch's default")
     e.add_argument("--no-chat-template", action="store_true", help="feed raw prompts even if the tokenizer has "
                                                                     "a chat template")
     e.add_argument("--out", default="runs/eval", help="report directory")
@@ -201,10 +207,9 @@ def _run(args: argparse.Namespace) -> dict:
     for name in scorers:
         if name not in SCORERS:
             raise ValueError(f"--scorers: unknown scorer '{name}'; available: {', '.join(SCORERS.names())}")
-    if args.aggregation not in STEP_AGGREGATIONS or args.search_aggregation not in STEP_AGGREGATIONS:
-        bad = args.aggregation if args.aggregation not in STEP_AGGREGATIONS else args.search_aggregation
-        raise ValueError(f"--aggregation/--search-aggregation: unknown '{bad}'; available: "
-                         f"{', '.join(STEP_AGGREGATIONS.names())}")
+    for flag, agg in (("--aggregation", args.aggregation), ("--search-aggregation", args.search_aggregation)):
+        if agg is not None and agg not in STEP_AGGREGATIONS:
+            raise ValueError(f"{flag}: unknown '{agg}'; available: {', '.join(STEP_AGGREGATIONS.names())}")
     methods = tuple(_csv(args.search))
     for m in methods:
         if m not in SEARCHES:
@@ -258,10 +263,6 @@ def _run(args: argparse.Namespace) -> dict:
 
     if args.threads < 0:
         raise ValueError(f"--threads: expected >= 0, got {args.threads}")
-    if args.threads:
-        import torch
-
-        torch.set_num_threads(args.threads)
     if args.quiet:
         from transformers.utils import logging as hf_logging
 
@@ -269,6 +270,7 @@ def _run(args: argparse.Namespace) -> dict:
     log(f"loading policy {model_path}")
     model, tok = load_pretrained(model_path, device=args.device)
     device = resolve_device(args.device)
+    _set_threads(args.threads, model, device, log)
     ctx = ScorerContext(beta=args.beta, rng=np.random.default_rng(args.seed))
     meta = {"model": model_path, "task_kwargs": task_kwargs, "split": args.split}
     if prm_path is not None:
@@ -295,6 +297,18 @@ def _run(args: argparse.Namespace) -> dict:
                        progress=not args.quiet)
     _summary(metrics, Path(args.out), time.time() - t_start, log)
     return metrics
+
+
+def _set_threads(threads: int, model, device, log) -> None:
+    """Apply ``--threads``; 0 picks 1 thread for a small model on CPU, where intra-op threads only
+    add synchronisation (and, on a shared machine, wait for busy cores)."""
+    import torch
+
+    if threads == 0 and device.type == "cpu" and sum(p.numel() for p in model.parameters()) < AUTO_ONE_THREAD_PARAMS:
+        threads = 1
+        log("small model on CPU: using 1 torch thread (--threads to change)")
+    if threads:
+        torch.set_num_threads(threads)
 
 
 def _has_prm(path: str) -> bool:

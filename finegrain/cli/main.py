@@ -3,6 +3,8 @@
     finegrain demo [--method grpo|prime|rloo] [--out runs/demo] [key=value ...]
     finegrain train CONFIG.yaml [key=value ...]
     finegrain config [CONFIG.yaml] [key=value ...]     print the resolved config
+    finegrain eval --model RUN_DIR_OR_PATH --task arith ...   report directory (see docs/eval.md)
+    finegrain prm train|score ...                     offline implicit PRM (see docs/prm_offline.md)
     finegrain train --help-config                     every config key with its default and help
 """
 
@@ -64,12 +66,16 @@ def main(argv: list[str] | None = None) -> None:
     s = sub.add_parser("sft", help="supervised warm start of a tiny model on a task (cached)")
     s.add_argument("config", nargs="?")
     s.add_argument("overrides", nargs="*")
-    from finegrain.cli import prm_cmd
+    from finegrain.cli import eval_cmd, prm_cmd
 
     prm_cmd.add_parser(sub)
+    eval_cmd.add_parser(sub)
     args = ap.parse_args(argv)
     if args.cmd == "prm":
         prm_cmd.run(args)
+        return
+    if args.cmd == "eval":
+        eval_cmd.run(args)
         return
 
     try:

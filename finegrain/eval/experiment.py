@@ -67,7 +67,9 @@ class SearchSpec:
     scorer: name in ``SCORERS`` guiding the search; None = the first step-level scorer evaluated.
     budgets: values of N (candidates per problem per iteration); beam_width: M (min(M, N) is used).
     tau: tokens of a partial step before scoring (early_reject). max_steps: iterations.
-    max_step_tokens: cap on one step (None = the response budget). aggregation: candidate score.
+    max_step_tokens: cap on one step (None = the response budget). aggregation: candidate score
+    (``aggregate_steps`` name); None = the scorer's ``value`` metadata ('sum' for the implicit
+    PRM, i.e. its Q-value, 'last' as in ER-PRM for scorers without one).
     n_problems: search on the first problems only (None = all).
     """
 
@@ -78,7 +80,7 @@ class SearchSpec:
     tau: int = 4
     max_steps: int = 8
     max_step_tokens: int | None = None
-    aggregation: str = "last"
+    aggregation: str | None = None
     n_problems: int | None = 100
 
 
@@ -319,6 +321,7 @@ def _run_search(model, tokenizer, task, examples, spec: SearchSpec, scorers, ctx
     name = spec.scorer or next((n for n in scorers if SCORERS.meta(n)["level"] == "step"), None)
     if name is None:
         raise ValueError("search: needs a step-level scorer (--search-scorer, e.g. implicit_prm or step_oracle)")
+    aggregation = spec.aggregation or SCORERS.meta(name).get("value", "last")
     sub = examples[:spec.n_problems] if spec.n_problems else examples
     k = len(sub)
     runs = []
@@ -330,7 +333,7 @@ def _run_search(model, tokenizer, task, examples, spec: SearchSpec, scorers, ctx
             t0 = time.time()
             res = SEARCHES.get(method)(
                 model, tokenizer, task, sub, lambda traj: score(name, traj, task, ctx), n_beams=N, beam_width=M,
-                tau=spec.tau, aggregation=spec.aggregation, sampling=sampling, max_steps=spec.max_steps,
+                tau=spec.tau, aggregation=aggregation, sampling=sampling, max_steps=spec.max_steps,
                 max_step_tokens=spec.max_step_tokens, seed=sample_seed(seed, 0, stream=2), max_batch=max_batch,
                 use_chat_template=use_chat_template)
             ci = accuracy_with_ci(res.correct)
@@ -343,5 +346,5 @@ def _run_search(model, tokenizer, task, examples, spec: SearchSpec, scorers, ctx
     # best-of-N with the same scorer on the same problems: N samples cost N × mean length tokens
     bon = bon_curve(sel_scores[name][:k], correct[:k], Ns).mean.tolist()
     per_sample = float(lengths[:k].mean())
-    return {"scorer": name, "aggregation": spec.aggregation, "n_problems": k, "runs": runs,
+    return {"scorer": name, "aggregation": aggregation, "n_problems": k, "runs": runs,
             "bon_tokens": {"Ns": list(Ns), "accuracy": bon, "tokens": [N * per_sample for N in Ns]}}

@@ -17,6 +17,10 @@ Registry metadata (``SCORERS.meta(name)``):
             (Implicit PRM's weighted vote sums sigmoid(reward); methods.md §2).
     center  the score that means "no opinion" (colour midpoint in the report).
     needs   'prm' when the entry needs ``ctx.prm_model`` and ``ctx.ref_model``.
+    value   the step aggregation that values a *partial* response in a step search: 'sum'
+            for the implicit PRM (Q at the last token = Σ of the token rewards so far; the
+            "accumulative" mode of methods.md §2), 'min' for exact labels (every step so far
+            correct), 'last' otherwise (ER-PRM's score of the last step, methods.md §16).
 
 Entries:
     oracle       the task's verifier (an outcome oracle; best-of-N with it is pass@N).
@@ -132,7 +136,7 @@ def vote_weights(scores, how: str) -> np.ndarray:
 # ------------------------------------------------------------------------------------- entries
 
 
-@SCORERS.register("oracle", level="outcome", weight="identity", center=0.5)
+@SCORERS.register("oracle", level="outcome", weight="identity", center=0.5, value="last")
 def oracle(traj: Trajectory, task, ctx: ScorerContext) -> Scores:
     """Outcome oracle: o_b = task.verify(example_b, response_b) ∈ [0, 1]; every step gets o_b.
 
@@ -143,7 +147,7 @@ def oracle(traj: Trajectory, task, ctx: ScorerContext) -> Scores:
     return Scores(step=steps, outcome=outcome)
 
 
-@SCORERS.register("step_oracle", level="step", weight="identity", center=0.5)
+@SCORERS.register("step_oracle", level="step", weight="identity", center=0.5, value="min")
 def step_oracle(traj: Trajectory, task, ctx: ScorerContext) -> Scores:
     """Process oracle: r_{b,k} = 1 if ``task.label_steps`` marks step k correct, else 0 (wrong or
     unparseable); o_b = task.verify(...). With 'min' aggregation best-of-N prefers responses with
@@ -158,7 +162,7 @@ def step_oracle(traj: Trajectory, task, ctx: ScorerContext) -> Scores:
     return Scores(step=steps, outcome=outcome)
 
 
-@SCORERS.register("implicit_prm", level="step", weight="sigmoid", center=0.0, needs="prm")
+@SCORERS.register("implicit_prm", level="step", weight="sigmoid", center=0.0, needs="prm", value="sum")
 @torch.no_grad()
 def implicit_prm(traj: Trajectory, task, ctx: ScorerContext) -> Scores:
     """Implicit PRM scores (Yuan et al. 2024, arXiv:2412.01981; methods.md §2):
@@ -186,7 +190,7 @@ def implicit_prm(traj: Trajectory, task, ctx: ScorerContext) -> Scores:
                   token=[token_r[b, :n].tolist() for b, n in enumerate(lengths)])
 
 
-@SCORERS.register("random", level="outcome", weight="identity", center=0.5)
+@SCORERS.register("random", level="outcome", weight="identity", center=0.5, value="last")
 def random_scores(traj: Trajectory, task, ctx: ScorerContext) -> Scores:
     """Random selector: o_b ~ U[0, 1) and r_{b,k} ~ U[0, 1), all independent, from ``ctx.rng``.
     Best-of-N with it picks a uniform sample, so its expected curve is flat at the mean accuracy

@@ -19,8 +19,11 @@ candidates per kept beam, so ``N/M`` beams are kept; ``τ`` = ``tau`` tokens of 
 Where this departs from the sources:
 
 1. A candidate's score is ``selection.aggregate_steps(step_scores, aggregation)``; the default
-   'last' is ER-PRM's "score of the last (partial) step". The final answer of a problem is its
-   highest-scoring kept beam under the same aggregation.
+   'last' is ER-PRM's "score of the last (partial) step", right for PRMs whose step score
+   estimates the value of the prefix. For an implicit PRM the value of a prefix is its Q-value,
+   the sum of the step rewards so far: use 'sum' (``finegrain eval`` picks it from the scorer's
+   ``value`` metadata). The final answer of a problem is its highest-scoring kept beam under the
+   same aggregation.
 2. Finished beams (EOS, or ``max_new_tokens`` reached) stay in the pool and compete with new
    candidates on their score; they are not extended. A problem stops when all its kept beams
    are finished; the search stops after ``max_steps`` iterations, keeping unfinished beams as

@@ -81,6 +81,7 @@ def test_eval_arith_end_to_end(arith_models, tmp_path):
     # searches: every (method, N), guided by the first step-level scorer
     s = m["search"]
     assert s["scorer"] == "implicit_prm" and s["n_problems"] == 2
+    assert s["aggregation"] == "sum"  # the implicit PRM values a prefix by its Q-value
     assert [(r["method"], r["n_beams"], r["tau"]) for r in s["runs"]] == [
         ("beam", 2, None), ("beam", 4, None), ("early_reject", 2, 3), ("early_reject", 4, 3)]
     assert all(r["tokens_per_problem"] > 0 for r in s["runs"])
