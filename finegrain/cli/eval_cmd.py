@@ -18,7 +18,6 @@ import time
 from pathlib import Path
 
 
-AUTO_ONE_THREAD_PARAMS = 20_000_000
 
 
 def _csv(text: str) -> list[str]:
@@ -81,9 +80,8 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
     e.add_argument("--max-batch", type=int, default=256, help="rows per generate call")
     e.add_argument("--chunk-problems", type=int, default=64, help="problems sampled and scored together")
     e.add_argument("--device", default="auto", help="cpu | cuda | auto")
-    e.add_argument("--threads", type=int, default=0, help="torch CPU threads; 0 = auto: 1 for a model under "
-                                                          f"{AUTO_ONE_THREAD_PARAMS // 10**6}M parameters on CPU "
-                                                          "(tiny matrices gain nothing from more), else torch's default")
+    e.add_argument("--threads", type=int, default=0, help="torch CPU threads; 0 = torch's default. On a busy "
+                                                          "shared CPU, 1 is much faster for tiny models")
     e.add_argument("--no-chat-template", action="store_true", help="feed raw prompts even if the tokenizer has "
                                                                     "a chat template")
     e.add_argument("--out", default="runs/eval", help="report directory")
@@ -300,13 +298,10 @@ def _run(args: argparse.Namespace) -> dict:
 
 
 def _set_threads(threads: int, model, device, log) -> None:
-    """Apply ``--threads``; 0 picks 1 thread for a small model on CPU, where intra-op threads only
-    add synchronisation (and, on a shared machine, wait for busy cores)."""
+    """Apply ``--threads`` (0 keeps torch's default). On a busy shared machine, 1 thread is much
+    faster for tiny models (measured ~10x); on a quiet 2-core one, 2 threads are ~1.7x faster."""
     import torch
 
-    if threads == 0 and device.type == "cpu" and sum(p.numel() for p in model.parameters()) < AUTO_ONE_THREAD_PARAMS:
-        threads = 1
-        log("small model on CPU: using 1 torch thread (--threads to change)")
     if threads:
         torch.set_num_threads(threads)
 
