@@ -54,3 +54,18 @@ class RewardSignal(Protocol):
 
 def level_rank(level: str) -> int:
     return LEVELS.index(level)
+
+
+def select_output(out: RewardOutput, rows: torch.Tensor) -> RewardOutput:
+    """The rows ``rows`` (indices or a (B,) bool mask) of an outcome-level output."""
+    if out.level != "outcome":
+        raise ValueError(f"select_output: only outcome-level outputs, got '{out.level}'")
+    return RewardOutput(out.values[rows], out.mask[rows], out.level, {k: v[rows] for k, v in out.components.items()})
+
+
+def cat_outputs(outs: list[RewardOutput]) -> RewardOutput:
+    """Row-wise concatenation of outcome-level outputs (same component keys)."""
+    if any(o.level != "outcome" for o in outs):
+        raise ValueError("cat_outputs: only outcome-level outputs")
+    return RewardOutput(torch.cat([o.values for o in outs]), torch.cat([o.mask for o in outs]), "outcome",
+                        {k: torch.cat([o.components[k] for o in outs]) for k in outs[0].components})

@@ -1,9 +1,12 @@
 """Rollouts with Hugging Face ``generate``.
 
 Departures worth knowing:
-1. ``behavior_logprobs`` are log softmax(logits / T) of the sampled token, from the raw logits
-   ``generate`` returns. With top-p / top-k < full vocabulary the sampler draws from a truncated
-   distribution; like verl we record the untruncated one (the PPO ratio is taken against it).
+1. ``behavior_logprobs`` are log softmax(logits / T) of the sampled token. With top-p / top-k <
+   full vocabulary the sampler draws from a truncated distribution; like verl we record the
+   untruncated one (the PPO ratio is taken against it). They come from the logits ``generate``
+   returns when those fit in ``logits_budget_bytes`` (tiny vocabularies), else from one extra
+   micro-batched forward pass after generation: keeping (B, L, V) fp32 logits of a 150k-token
+   vocabulary would take tens of GB.
 2. Sampling uses the torch global RNG inside ``torch.random.fork_rng`` seeded with the given seed,
    so the caller's RNG state is untouched and the same seed gives the same tokens.
 """
@@ -12,7 +15,7 @@ from __future__ import annotations
 
 import torch
 
-from finegrain.models.logprobs import logprobs_from_logits
+from finegrain.models.logprobs import logprobs_from_logits, response_logprobs
 from finegrain.rollout.base import ROLLOUT_ENGINES, SamplingParams
 from finegrain.segment import token_step_ids
 from finegrain.tasks.base import Example
@@ -39,8 +42,9 @@ class HFEngine:
     """
 
     def __init__(self, model, tokenizer, *, segmenter: str = "newline", max_batch: int = 256,
-                 use_chat_template: bool = True):
+                 use_chat_template: bool = True, logits_budget_bytes: int = 512 * 2**20, forward_micro_batch: int = 16):
         self.model, self.tokenizer = model, tokenizer
+        self.logits_budget_bytes, self.forward_micro_batch = logits_budget_bytes, forward_micro_batch
         self.segmenter, self.max_batch, self.use_chat_template = segmenter, max_batch, use_chat_template
         if tokenizer.pad_token_id is None:
             raise ValueError("tokenizer: needs a pad token (set tokenizer.pad_token, e.g. to the EOS token)")
@@ -72,24 +76,30 @@ class HFEngine:
         prompt_ids = enc["input_ids"].to(device)  # (B, P)
         prompt_mask = enc["attention_mask"].bool().to(device)
         greedy = sp.temperature == 0
+        vocab = self.model.get_output_embeddings().weight.shape[0]
+        keep_logits = len(prompts) * sp.max_new_tokens * vocab * 4 <= self.logits_budget_bytes
         out = self.model.generate(
             input_ids=prompt_ids, attention_mask=prompt_mask.long(), do_sample=not greedy,
             temperature=None if greedy else sp.temperature, top_p=None if greedy else sp.top_p,
             top_k=None if greedy else sp.top_k, max_new_tokens=sp.max_new_tokens,
-            output_logits=True, return_dict_in_generate=True,
+            output_logits=keep_logits, return_dict_in_generate=True,
             pad_token_id=tok.pad_token_id, eos_token_id=tok.eos_token_id)
         P = prompt_ids.shape[1]
         response_ids = out.sequences[:, P:]  # (B, L)
-        logits = torch.stack(out.logits, dim=1)[:, :response_ids.shape[1]]  # (B, L, V)
-        T = 1.0 if greedy else sp.temperature
-        behavior_logprobs = logprobs_from_logits(logits, response_ids, T)  # (B, L)
         is_eos = response_ids == tok.eos_token_id
         # a token is real up to and including the first EOS
-        before_eos = (is_eos.long().cumsum(1) - is_eos.long()) == 0  # (B, L)
-        response_mask = before_eos
+        response_mask = (is_eos.long().cumsum(1) - is_eos.long()) == 0  # (B, L)
         truncated = ~is_eos.any(1)
-        behavior_logprobs = torch.where(response_mask, behavior_logprobs, torch.zeros_like(behavior_logprobs))
         response_ids = torch.where(response_mask, response_ids, torch.full_like(response_ids, tok.pad_token_id))
+        T = 1.0 if greedy else sp.temperature
+        if keep_logits:
+            logits = torch.stack(out.logits, dim=1)[:, :response_ids.shape[1]]  # (B, L, V)
+            behavior_logprobs = logprobs_from_logits(logits, response_ids, T)  # (B, L)
+        else:
+            behavior_logprobs = response_logprobs(
+                self.model, torch.cat([prompt_ids, response_ids], 1), torch.cat([prompt_mask, response_mask], 1),
+                response_ids.shape[1], T, self.forward_micro_batch)  # (B, L)
+        behavior_logprobs = torch.where(response_mask, behavior_logprobs, torch.zeros_like(behavior_logprobs))
         step_ids = token_step_ids(tok, response_ids.cpu(), response_mask.cpu(), self.segmenter).to(device)
         response_texts = tok.batch_decode(response_ids, skip_special_tokens=True)
         return Trajectory(

@@ -28,7 +28,7 @@ from finegrain.losses import KL_ESTIMATORS
 from finegrain.masked import masked_mean
 from finegrain.models.load import load_pretrained, warm_started_tiny
 from finegrain.rewards import REWARDS
-from finegrain.rewards.base import level_rank
+from finegrain.rewards.base import cat_outputs, level_rank, select_output
 from finegrain.rewards.combine import combine, total
 from finegrain.rollout import ROLLOUT_ENGINES, SamplingParams, sample_seed
 from finegrain.tasks import TASKS
@@ -97,41 +97,49 @@ def make_schedule(optimizer, cfg: RunConfig):
 
 
 def collect_batch(cfg: RunConfig, engine, pool, signals, filters, step: int):
-    """Rollout + filters, with oversampling and bounded refill rounds. Returns (traj, outputs, metrics).
+    """Rollout + filters, with oversampling and bounded refill rounds.
 
-    Filters need the outcome, so the verifier-type (outcome) signals are scored here; the rest
-    are scored after filtering, on the kept rows only.
+    Returns (traj or None when nothing passed, pre-scored {name: RewardOutput} for the kept rows,
+    metrics). Filters need the outcome, so the 'verifier' signal is scored here, once per round,
+    and its output is handed back so the trainer does not score it again.
     """
     G, want = cfg.rollout.group_size, cfg.rollout.prompts_per_step
     sp = SamplingParams(cfg.rollout.temperature, cfg.rollout.top_p, cfg.rollout.top_k, cfg.rollout.max_new_tokens)
-    kept, generated, metrics = [], 0, {}
+    kept, kept_outcomes, generated, sums, rounds = [], [], 0, {}, 0
     for rnd in range(1 + (cfg.filters.max_refills if filters else 0)):
+        rounds += 1
         n_prompts = math.ceil(want * cfg.filters.oversample) if rnd == 0 else want - sum(t.batch_size for t in kept) // G
         examples = pick_prompts(pool, n_prompts, cfg.train.seed, step, stream=2 * rnd)
         traj = engine.generate(examples, G, sp, sample_seed(cfg.train.seed, step, 2 * rnd + 1), group_offset=generated)
         generated += len(examples)
-        outcome = signals["verifier"](traj).values if "verifier" in signals else torch.zeros(traj.batch_size)
+        verified = signals["verifier"](traj) if "verifier" in signals else None
         keep = torch.ones(traj.batch_size, dtype=torch.bool)
         for name, fn, kw in filters:
+            outcome = verified.values if verified is not None else torch.zeros(traj.batch_size)
             k, loss_mask, m = fn(traj, outcome, **kw)
             keep &= k.cpu()
             traj = traj.replace(loss_mask=loss_mask)
             for key, v in m.items():
-                metrics[f"{name}/{key}"] = metrics.get(f"{name}/{key}", 0.0) + float(v) / (1 + cfg.filters.max_refills)
-        groups = traj.group_ids[keep].unique().tolist()
+                sums[f"{name}/{key}"] = sums.get(f"{name}/{key}", 0.0) + float(v)
         room = want - sum(t.batch_size for t in kept) // G
-        keep_groups = torch.tensor(groups[:room], dtype=torch.long)
-        rows = torch.isin(traj.group_ids.cpu(), keep_groups)
-        if rows.any():
+        keep_groups = traj.group_ids[keep].unique()[:room]
+        rows = torch.isin(traj.group_ids, keep_groups).cpu()
+        if rows.all():  # nothing filtered: no copy
+            kept.append(traj)
+            kept_outcomes += [verified] if verified is not None else []
+        elif rows.any():
             kept.append(traj.select(rows))
+            kept_outcomes += [select_output(verified, rows)] if verified is not None else []
         if sum(t.batch_size for t in kept) // G >= want:
             break
+    metrics = {k: v / rounds for k, v in sums.items()}  # filter metrics: means over rounds
     metrics["generated_prompts"] = generated
     if not kept:
-        return None, metrics
+        return None, {}, metrics
     traj = kept[0] if len(kept) == 1 else concat(kept, engine.tokenizer.pad_token_id)
+    pre_scored = {"verifier": cat_outputs(kept_outcomes)} if kept_outcomes else {}
     metrics["kept_prompts"] = traj.batch_size // G
-    return traj, metrics
+    return traj, pre_scored, metrics
 
 
 def compute_advantages(cfg: RunConfig, per_source: dict[str, torch.Tensor], traj) -> torch.Tensor:
@@ -217,7 +225,7 @@ def train(cfg: RunConfig, *, stop_after: int | None = None, log: Callable[[str],
         for step in range(start, cfg.train.steps):
             t0 = time.time()
             # ---- rollout + filters
-            traj, fmetrics = collect_batch(cfg, engine, pool, signals, filters, step)
+            traj, pre_scored, fmetrics = collect_batch(cfg, engine, pool, signals, filters, step)
             if traj is None:
                 log(f"step {step + 1}: every group was filtered out; skipping the update")
                 logger.log(step + 1, prefixed("filter", fmetrics))
@@ -228,7 +236,7 @@ def train(cfg: RunConfig, *, stop_after: int | None = None, log: Callable[[str],
             old_logprobs = None
             if cfg.train.ppo_epochs > 1 or cfg.train.minibatches > 1:
                 old_logprobs = batch_logprobs(policy, traj, cfg.rollout.temperature, cfg.rollout.max_batch)
-            outputs = {n: s(traj) for n, s in signals.items()}
+            outputs = {n: pre_scored[n] if n in pre_scored else s(traj) for n, s in signals.items()}
             per_source = combine(outputs, weights, traj.response_mask, traj.step_ids)
             ref_logprobs = batch_logprobs(ref, traj, cfg.rollout.temperature, cfg.rollout.max_batch) if ref is not None else None
             if ref is not None and cfg.loss.kl_mode == "reward":

@@ -67,7 +67,9 @@ class ScriptedEngine:
             gids += [group_offset + i] * n
             exs += [ex] * n
         t = traj_from(outs, gids)
-        return t.replace(examples=exs, response_texts=[str(o) for o in outs])
+        # every row's text is unique ("outcome:group:sample") so row alignment can be checked
+        texts = [f"{o}:{g}:{k % n}" for k, (o, g) in enumerate(zip(outs, gids))]
+        return t.replace(examples=exs, response_texts=texts)
 
 
 class Verifier:
@@ -76,8 +78,9 @@ class Verifier:
     def __call__(self, traj):
         from finegrain.rewards.base import RewardOutput
 
-        v = torch.tensor([float(s) for s in traj.response_texts])
-        return RewardOutput(v, torch.ones_like(v, dtype=torch.bool), "outcome")
+        v = torch.tensor([float(s.split(":")[0]) for s in traj.response_texts])
+        code = torch.tensor([int(s.split(":")[1]) * 100 + int(s.split(":")[2]) for s in traj.response_texts])
+        return RewardOutput(v, torch.ones_like(v, dtype=torch.bool), "outcome", {"code": code})
 
 
 def test_refill_keeps_batch_size_and_only_in_band_groups():
@@ -88,11 +91,15 @@ def test_refill_keeps_batch_size_and_only_in_band_groups():
                              "filters.max_refills=5", "filters.filters=[{name: accuracy_band}]"])
     engine = ScriptedEngine(script)
     filters = [("accuracy_band", FILTERS.get("accuracy_band"), {})]
-    traj, metrics = collect_batch(cfg, engine, pool, {"verifier": Verifier()}, filters, step=0)
+    traj, pre_scored, metrics = collect_batch(cfg, engine, pool, {"verifier": Verifier()}, filters, step=0)
     assert traj.batch_size == 16 and metrics["kept_prompts"] == 4
+    # the verifier output handed back lines up with the kept rows (across refill rounds)
+    codes = [int(s.split(":")[1]) * 100 + int(s.split(":")[2]) for s in traj.response_texts]
+    assert pre_scored["verifier"].components["code"].tolist() == codes
+    assert pre_scored["verifier"].values.tolist() == [float(s.split(":")[0]) for s in traj.response_texts]
     assert engine.calls > 1  # one round cannot give 4 in-band prompts from 4 with p = 1/3
     for gid in traj.group_ids.unique():
-        outs = [float(s) for s, g in zip(traj.response_texts, traj.group_ids) if g == gid]
+        outs = [float(s.split(":")[0]) for s, g in zip(traj.response_texts, traj.group_ids) if g == gid]
         assert 0.2 <= sum(outs) / len(outs) <= 0.8
     assert len(set(traj.group_ids.tolist())) == 4
 
@@ -103,6 +110,6 @@ def test_refill_gives_up_after_max_refills():
     cfg = load_config(None, ["rollout.prompts_per_step=4", "rollout.group_size=4", "filters.max_refills=2",
                              "filters.filters=[{name: accuracy_band}]"])
     engine = ScriptedEngine(script)
-    traj, metrics = collect_batch(cfg, engine, pool, {"verifier": Verifier()},
+    traj, _, metrics = collect_batch(cfg, engine, pool, {"verifier": Verifier()},
                                   [("accuracy_band", FILTERS.get("accuracy_band"), {})], step=0)
     assert traj is None and engine.calls == 3

@@ -82,3 +82,13 @@ def test_step_ids_worked_example_bpe_like_offsets():
     text = "7+5=12\n12*2=24\n"
     offs = [(0, 3), (3, 7), (7, 9), (9, 14), (14, 15), (15, 15)]
     assert spans_to_token_step_ids(newline(text), offs) == [0, 0, 1, 1, 1, -1]
+
+
+def test_logprobs_from_a_forward_pass_match_generate_logits(engine):
+    # a large vocabulary would not keep generate's (B, L, V) logits; the forward-pass path must agree
+    sp = SamplingParams(temperature=0.7, max_new_tokens=12)
+    a = engine.generate(EXAMPLES, 3, sp, seed=4)
+    big = ROLLOUT_ENGINES.get("hf")(engine.model, engine.tokenizer, logits_budget_bytes=0, forward_micro_batch=2)
+    b = big.generate(EXAMPLES, 3, sp, seed=4)
+    assert torch.equal(a.response_ids, b.response_ids)
+    torch.testing.assert_close(a.behavior_logprobs, b.behavior_logprobs, rtol=1e-4, atol=1e-4)
