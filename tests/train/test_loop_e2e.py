@@ -84,3 +84,35 @@ def test_level_mismatch_is_refused(tmp_path, sft_cache):
     cfg.advantage.name = "grpo"
     with pytest.raises(ValueError, match="advantage 'grpo' consumes outcome rewards but 'implicit_prm' gives token rewards"):
         train(cfg, log=lambda s: None)
+
+
+@pytest.mark.parametrize("update,loss", [("after", "ce"), ("before", "ce"), ("none", "ce"), ("after", "dpo")])
+def test_prm_update_modes(tmp_path, sft_cache, update, loss):
+    cfg = make_cfg("prime", tmp_path / "m", sft_cache, **{"train.steps": 2, "prm.update": update, "prm.loss": loss,
+                                                            "train.save_every": 0})
+    train(cfg, log=lambda s: None)
+    rows = [r for r in read_log(tmp_path / "m" / "metrics.jsonl") if "loss/loss" in r]
+    assert len(rows) == 2
+    if update == "none":
+        assert not any("reward/implicit_prm/prm_loss" in r for r in rows)
+        # a frozen PRM equal to its reference gives exactly zero implicit rewards
+        assert all(r["reward/implicit_prm/seq_sum"] == 0.0 for r in rows)
+    else:
+        assert all("reward/implicit_prm/prm_loss" in r for r in rows)
+        key = "reward/implicit_prm/pair_acc" if loss == "dpo" else "reward/implicit_prm/acc"
+        assert all(key in r for r in rows)
+    if update == "before":
+        # updated before scoring: the very first rewards already differ from zero
+        assert rows[0]["reward/implicit_prm/seq_sum"] != 0.0
+    if update == "after" and loss == "ce":
+        assert rows[0]["reward/implicit_prm/seq_sum"] == 0.0 and rows[1]["reward/implicit_prm/seq_sum"] != 0.0
+    if loss == "dpo":
+        # the micro model answers nothing right: no correct/incorrect pair, so no PRM gradient
+        assert all(r["reward/implicit_prm/n_pairs"] == 0 for r in rows)
+        assert all(r["reward/implicit_prm/seq_sum"] == 0.0 for r in rows)
+
+
+def test_tensorboard_events_written(tmp_path, sft_cache):
+    cfg = make_cfg("grpo", tmp_path / "tb", sft_cache, **{"train.steps": 1, "train.tensorboard": True})
+    train(cfg, log=lambda s: None)
+    assert list((tmp_path / "tb" / "tb").glob("events.out.tfevents.*"))
