@@ -17,16 +17,6 @@ from finegrain.models.tokenizer import char_tokenizer, train_bpe_tokenizer
 from finegrain.tasks import TASKS
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """Tiny models gain nothing from intra-op threads, and on a shared CPU they can make each op
-    much slower; restore the setting afterwards."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
-
 def run_cli(argv):
     ap = argparse.ArgumentParser(prog="finegrain")
     eval_cmd.add_parser(ap.add_subparsers(dest="cmd"))

@@ -24,16 +24,6 @@ RTOL, ATOL = 1e-5, 1e-6
 EX = Example("x", "Q: 7 +5 *3 -4\n", "32", meta={"start": 7, "ops": [["+", 5], ["*", 3], ["-", 4]]})
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """Tiny models gain nothing from intra-op threads, and on a shared CPU they can make each op
-    much slower; restore the setting afterwards."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
-
 def make_traj(tok, texts, example=EX, eos=False):
     """A Trajectory of responses ``texts`` to ``example`` (one problem), via the search helper."""
     prompt = tok(example.prompt)["input_ids"]

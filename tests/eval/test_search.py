@@ -15,16 +15,6 @@ from finegrain.rollout.base import SamplingParams
 from finegrain.tasks import TASKS
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """Tiny models gain nothing from intra-op threads, and on a shared CPU they can make each op
-    much slower; restore the setting afterwards."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
-
 @pytest.fixture(scope="module")
 def task():
     return TASKS.get("arith")()
