@@ -14,7 +14,8 @@ Level = Literal["outcome", "step", "token"]
 LEVELS: tuple[str, ...] = ("outcome", "step", "token")
 
 # Reward signals are classes (they may hold models); entries are constructed as
-# ``REWARDS.get(name)(ctx, **kwargs)`` where ctx is a RewardContext.
+# ``REWARDS.get(name).from_context(ctx, **kwargs)`` where ctx is a ``train.loop.RewardContext``
+# (task, tokenizer, policy, config); ``kwargs`` come from ``rewards[i].kwargs``.
 REWARDS = Registry("reward signal")
 
 
