@@ -105,7 +105,7 @@ def collect_batch(cfg: RunConfig, engine, pool, signals, filters, step: int):
     """
     G, want = cfg.rollout.group_size, cfg.rollout.prompts_per_step
     sp = SamplingParams(cfg.rollout.temperature, cfg.rollout.top_p, cfg.rollout.top_k, cfg.rollout.max_new_tokens)
-    kept, kept_outcomes, generated, sums, rounds = [], [], 0, {}, 0
+    kept, kept_outcomes, generated, sums, rounds, n_seen, n_right = [], [], 0, {}, 0, 0, 0.0
     for rnd in range(1 + (cfg.filters.max_refills if filters else 0)):
         rounds += 1
         n_prompts = math.ceil(want * cfg.filters.oversample) if rnd == 0 else want - sum(t.batch_size for t in kept) // G
@@ -113,6 +113,8 @@ def collect_batch(cfg: RunConfig, engine, pool, signals, filters, step: int):
         traj = engine.generate(examples, G, sp, sample_seed(cfg.train.seed, step, 2 * rnd + 1), group_offset=generated)
         generated += len(examples)
         verified = signals["verifier"](traj) if "verifier" in signals else None
+        if verified is not None:  # accuracy of everything sampled, before filters pick rows
+            n_seen, n_right = n_seen + traj.batch_size, n_right + float(verified.components.get("accuracy", verified.values).sum())
         keep = torch.ones(traj.batch_size, dtype=torch.bool)
         for name, fn, kw in filters:
             outcome = verified.values if verified is not None else torch.zeros(traj.batch_size)
@@ -134,6 +136,8 @@ def collect_batch(cfg: RunConfig, engine, pool, signals, filters, step: int):
             break
     metrics = {k: v / rounds for k, v in sums.items()}  # filter metrics: means over rounds
     metrics["generated_prompts"] = generated
+    if n_seen:
+        metrics["sampled_accuracy"] = n_right / n_seen
     if not kept:
         return None, {}, metrics
     traj = kept[0] if len(kept) == 1 else concat(kept, engine.tokenizer.pad_token_id)
@@ -272,7 +276,7 @@ def train(cfg: RunConfig, *, stop_after: int | None = None, log: Callable[[str],
                 m, _ = evaluate(engine, task, eval_set, **ev)
                 row.update(prefixed("eval", m))
             logger.log(step + 1, row)
-            acc = row.get("reward/verifier/accuracy", float("nan"))
+            acc = row.get("filter/sampled_accuracy", row.get("reward/verifier/accuracy", float("nan")))
             bar.update(step + 1, info=f"acc {acc:.2f}  loss {row.get('loss/loss', 0):.3f}")
             if (cfg.train.save_every and (step + 1) % cfg.train.save_every == 0) or step + 1 == cfg.train.steps:
                 _save(out, step + 1, policy, tok, optimizer, scheduler, trainables, before)

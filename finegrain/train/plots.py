@@ -5,7 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 
 
-def plot_curves(rows: list[dict], path: Path, keys: tuple[str, ...] = ("reward/verifier/accuracy", "eval/accuracy",
+def plot_curves(rows: list[dict], path: Path, keys: tuple[str, ...] = ("filter/sampled_accuracy", "eval/accuracy",
                                                                        "loss/loss", "rollout/response_len")) -> None:
     import matplotlib
 

@@ -94,6 +94,8 @@ def test_refill_keeps_batch_size_and_only_in_band_groups():
     traj, pre_scored, metrics = collect_batch(cfg, engine, pool, {"verifier": Verifier()}, filters, step=0)
     assert traj.batch_size == 16 and metrics["kept_prompts"] == 4
     # the verifier output handed back lines up with the kept rows (across refill rounds)
+    # sampled accuracy counts the dropped all-right groups; the kept rows are exactly half right
+    assert metrics["sampled_accuracy"] > 0.6 and pre_scored["verifier"].values.mean().item() == 0.5
     codes = [int(s.split(":")[1]) * 100 + int(s.split(":")[2]) for s in traj.response_texts]
     assert pre_scored["verifier"].components["code"].tolist() == codes
     assert pre_scored["verifier"].values.tolist() == [float(s.split(":")[0]) for s in traj.response_texts]
