@@ -1,0 +1,5 @@
+"""``python -m finegrain ...`` is the same as the ``finegrain`` command."""
+
+from finegrain.cli.main import main
+
+main()
