@@ -68,9 +68,36 @@ class Registry:
         target = getattr(fn, "from_context", None) or (fn.__init__ if inspect.isclass(fn) else fn)
         params = inspect.signature(target).parameters
         allowed = [p for p, v in params.items() if v.kind == inspect.Parameter.KEYWORD_ONLY]
-        for key in kwargs:
+        for key, value in kwargs.items():
             if key not in allowed:
                 raise ValueError(
                     f"{where}: unknown key '{key}' for {self.family} '{name}'; "
                     f"allowed: {', '.join(allowed) or '(none)'}"
                 )
+            want = _annotation_types(params[key].annotation)
+            if want is not None and not any(_is(value, t) for t in want):
+                names = " | ".join("None" if t is type(None) else t.__name__ for t in want)
+                raise ValueError(f"{where}.{key}: expected {names}, got {value!r}")
+
+
+_SIMPLE = {"bool": bool, "int": int, "float": float, "str": str, "None": type(None)}
+
+
+def _annotation_types(annotation) -> tuple | None:
+    """Simple scalar annotations ('float', 'int | None', bool, ...) as a tuple of types; None when
+    the annotation is missing or not a union of simple scalars (then the value is not checked)."""
+    if annotation is inspect.Parameter.empty:
+        return None
+    text = annotation if isinstance(annotation, str) else getattr(annotation, "__name__", str(annotation))
+    parts = [p.strip() for p in str(text).split("|")]
+    if not all(p in _SIMPLE for p in parts):
+        return None
+    return tuple(_SIMPLE[p] for p in parts)
+
+
+def _is(value, t: type) -> bool:
+    if t is float:
+        return isinstance(value, (int, float)) and not isinstance(value, bool)
+    if t is int:
+        return isinstance(value, int) and not isinstance(value, bool)
+    return isinstance(value, t)
