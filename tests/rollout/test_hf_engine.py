@@ -92,3 +92,17 @@ def test_logprobs_from_a_forward_pass_match_generate_logits(engine):
     b = big.generate(EXAMPLES, 3, sp, seed=4)
     assert torch.equal(a.response_ids, b.response_ids)
     torch.testing.assert_close(a.behavior_logprobs, b.behavior_logprobs, rtol=1e-4, atol=1e-4)
+
+
+def test_chat_template_is_applied_when_the_tokenizer_has_one():
+    from finegrain.rollout.hf import render_prompt
+
+    tok = char_tokenizer(ALPHABET + "<>|usertaisnm")
+    assert render_prompt(tok, "Q: 1 +2\n") == "Q: 1 +2\n"  # no template: the raw prompt
+    tok.chat_template = "{% for m in messages %}<|{{ m.role }}|>{{ m.content }}{% endfor %}<|assistant|>"
+    assert render_prompt(tok, "Q: 1 +2\n") == "<|user|>Q: 1 +2\n<|assistant|>"
+    assert render_prompt(tok, "Q: 1 +2\n", use_chat_template=False) == "Q: 1 +2\n"
+    model = tiny_causal_lm(tok, size="micro", seed=0)
+    t = ROLLOUT_ENGINES.get("hf")(model, tok).generate(EXAMPLES[:1], 1, SamplingParams(max_new_tokens=4), seed=0)
+    assert t.prompt_texts == ["<|user|>Q: 7 +5\n<|assistant|>"]
+    assert tok.decode(t.prompt_ids[0], skip_special_tokens=True) == "<|user|>Q: 7 +5\n<|assistant|>"
