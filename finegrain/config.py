@@ -338,7 +338,8 @@ def validate(cfg: RunConfig) -> None:
             sc = from_dict(SourceCredit, spec, f"advantage.per_source.{src}")
             _choice(f"advantage.per_source.{src}.name", sc.name, ADVANTAGES.names())
             ADVANTAGES.check_kwargs(sc.name, sc.kwargs, f"advantage.per_source.{src}.kwargs")
-        missing = [n for n in names if n not in cfg.advantage.per_source]
+        needed = names + (["kl_penalty"] if cfg.loss.kl_coef > 0 and cfg.loss.kl_mode == "reward" else [])
+        missing = [n for n in needed if n not in cfg.advantage.per_source]
         if missing:
             raise ValueError(f"advantage.per_source: no estimator for reward source(s) {missing}")
     else:

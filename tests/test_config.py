@@ -86,3 +86,15 @@ def test_help_config_documents_every_field(capsys):
     for key in ("rollout.temperature", "advantage.per_source", "loss.aggregation", "train.ppo_epochs", "prm.beta"):
         assert key in out
     assert all("\n    " in line and line.split("\n    ")[1].strip() for line in describe())
+
+
+def test_per_source_needs_an_entry_for_the_kl_penalty_source():
+    from finegrain.cli.main import demo_config
+    from finegrain.config import validate
+
+    cfg = demo_config("prime")
+    cfg.loss.kl_coef, cfg.loss.kl_mode = 0.01, "reward"
+    with pytest.raises(ValueError, match=r"no estimator for reward source\(s\) \['kl_penalty'\]"):
+        validate(cfg)
+    cfg.advantage.per_source["kl_penalty"] = {"name": "prime_rloo", "kwargs": {"reward_at": "token"}}
+    validate(cfg)
