@@ -349,6 +349,7 @@ def validate(cfg: RunConfig) -> None:
         spec = from_dict(FilterSpec, f, f"filters.filters[{i}]") if isinstance(f, dict) else f
         _choice(f"filters.filters[{i}].name", spec.name, FILTERS.names())
         FILTERS.check_kwargs(spec.name, spec.kwargs, f"filters.filters[{i}].kwargs")
+    check_levels(cfg)
     _choice("loss.name", cfg.loss.name, POLICY_LOSSES.names())
     POLICY_LOSSES.check_kwargs(cfg.loss.name, cfg.loss.kwargs, "loss.kwargs")
     _choice("loss.aggregation", cfg.loss.aggregation, AGGREGATIONS.names())
@@ -375,6 +376,29 @@ def validate(cfg: RunConfig) -> None:
     if B % (cfg.train.minibatches * cfg.train.grad_accum):
         raise ValueError(f"train.minibatches × train.grad_accum = {cfg.train.minibatches * cfg.train.grad_accum} "
                          f"must divide the batch of prompts_per_step × group_size = {B} rows")
+
+
+def check_levels(cfg: RunConfig) -> None:
+    """Refuse to feed an estimator rewards finer than it consumes (nothing is summed away silently).
+
+    A signal's level is its registry ``level`` unless its kwargs set ``level``; the KL penalty in
+    reward mode is a token-level source.
+    """
+    from finegrain.credit import ADVANTAGES
+    from finegrain.rewards import REWARDS
+    from finegrain.rewards.base import level_rank
+
+    sources = {r.name: r.kwargs.get("level", REWARDS.meta(r.name)["level"]) for r in cfg.rewards}
+    if cfg.loss.kl_coef > 0 and cfg.loss.kl_mode == "reward":
+        sources["kl_penalty"] = "token"
+    pairs = ([(src, cfg.advantage.per_source[src]["name"]) for src in sources] if cfg.advantage.per_source
+             else [(src, cfg.advantage.name) for src in sources])
+    for src, est in pairs:
+        consumes = ADVANTAGES.meta(est)["consumes"]
+        if level_rank(sources[src]) > level_rank(consumes):
+            finer = [n for n in ADVANTAGES.names() if level_rank(ADVANTAGES.meta(n)["consumes"]) >= level_rank(sources[src])]
+            raise ValueError(f"advantage '{est}' consumes {consumes} rewards but '{src}' gives {sources[src]} rewards; "
+                             f"use one of: {', '.join(finer)}")
 
 
 def describe(cls: type = RunConfig, prefix: str = "") -> list[str]:

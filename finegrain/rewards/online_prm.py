@@ -29,7 +29,7 @@ from finegrain.rewards.implicit_prm import ImplicitPRM
 from finegrain.train.checkpoint import load_weights_into
 
 
-@REWARDS.register("implicit_prm", levels=("token", "step"))
+@REWARDS.register("implicit_prm", level="token", levels=("token", "step"))  # kwargs.level overrides
 class OnlineImplicitPRM(ImplicitPRM):
     """ImplicitPRM plus its own optimizer and online update.
 

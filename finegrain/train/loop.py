@@ -28,7 +28,7 @@ from finegrain.losses import KL_ESTIMATORS
 from finegrain.masked import masked_mean
 from finegrain.models.load import load_pretrained, warm_started_tiny
 from finegrain.rewards import REWARDS
-from finegrain.rewards.base import cat_outputs, level_rank, select_output
+from finegrain.rewards.base import cat_outputs, select_output
 from finegrain.rewards.combine import combine, total
 from finegrain.rollout import ROLLOUT_ENGINES, SamplingParams, sample_seed
 from finegrain.tasks import TASKS
@@ -62,21 +62,6 @@ def frozen_copy(model):
     for p in ref.parameters():
         p.requires_grad_(False)
     return ref
-
-
-def check_levels(cfg: RunConfig, signals: dict) -> None:
-    """Refuse to feed an estimator rewards finer than it consumes (no silent summing)."""
-    sources = {n: s.level for n, s in signals.items()}
-    if cfg.loss.kl_coef > 0 and cfg.loss.kl_mode == "reward":
-        sources["kl_penalty"] = "token"
-    pairs = ([(src, cfg.advantage.per_source[src]["name"]) for src in sources] if cfg.advantage.per_source
-             else [(src, cfg.advantage.name) for src in sources])
-    for src, est in pairs:
-        consumes = ADVANTAGES.meta(est)["consumes"]
-        if level_rank(sources[src]) > level_rank(consumes):
-            finer = [n for n in ADVANTAGES.names() if level_rank(ADVANTAGES.meta(n)["consumes"]) >= level_rank(sources[src])]
-            raise ValueError(f"advantage '{est}' consumes {consumes} rewards but '{src}' gives {sources[src]} rewards; "
-                             f"use one of: {', '.join(finer)}")
 
 
 def pick_prompts(pool: list, n: int, seed: int, step: int, stream: int) -> list:
@@ -191,7 +176,6 @@ def train(cfg: RunConfig, *, stop_after: int | None = None, log: Callable[[str],
     ctx = RewardContext(cfg, task, tok, policy, initial_policy)
     signals = {r.name: REWARDS.get(r.name).from_context(ctx, **r.kwargs) for r in cfg.rewards}
     weights = {r.name: r.weight for r in cfg.rewards}
-    check_levels(cfg, signals)
     filters = []
     for f in cfg.filters.filters:
         spec = from_dict(FilterSpec, f, "filters.filters") if isinstance(f, dict) else f

@@ -78,12 +78,15 @@ def test_prime_run_updates_prm_and_resumes(tmp_path, sft_cache):
     assert any(v is not None for v in got)
 
 
-def test_level_mismatch_is_refused(tmp_path, sft_cache):
+def test_level_mismatch_is_refused_before_any_work(tmp_path, sft_cache):
     cfg = make_cfg("prime", tmp_path / "x", sft_cache)
     cfg.advantage.per_source = {}
     cfg.advantage.name = "grpo"
     with pytest.raises(ValueError, match="advantage 'grpo' consumes outcome rewards but 'implicit_prm' gives token rewards"):
-        train(cfg, log=lambda s: None)
+        validate(cfg)
+    cfg.rewards[1].kwargs = {"level": "step"}
+    with pytest.raises(ValueError, match="'implicit_prm' gives step rewards; use one of: .*prime_rloo"):
+        validate(cfg)
 
 
 @pytest.mark.parametrize("update,loss", [("after", "ce"), ("before", "ce"), ("none", "ce"), ("after", "dpo")])
@@ -116,3 +119,18 @@ def test_tensorboard_events_written(tmp_path, sft_cache):
     cfg = make_cfg("grpo", tmp_path / "tb", sft_cache, **{"train.steps": 1, "train.tensorboard": True})
     train(cfg, log=lambda s: None)
     assert list((tmp_path / "tb" / "tb").glob("events.out.tfevents.*"))
+
+
+def test_kl_as_token_reward_penalty_with_a_token_level_estimator(tmp_path, sft_cache):
+    cfg = make_cfg("grpo", tmp_path / "kl", sft_cache, **{"train.steps": 2, "advantage.name": "reinforce_pp",
+                                                          "loss.kl_coef": 0.1, "loss.kl_mode": "reward",
+                                                          "train.save_every": 0})
+    train(cfg, log=lambda s: None)
+    rows = [r for r in read_log(tmp_path / "kl" / "metrics.jsonl") if "loss/loss" in r]
+    assert len(rows) == 2 and "loss/kl" not in rows[0]  # the KL went into the rewards, not the loss
+    assert all(r["adv/abs_mean"] > 0 for r in rows)
+
+
+def test_kl_reward_penalty_refused_for_an_outcome_estimator(tmp_path, sft_cache):
+    with pytest.raises(ValueError, match="'kl_penalty' gives token rewards"):
+        make_cfg("grpo", tmp_path / "kl2", sft_cache, **{"loss.kl_coef": 0.1, "loss.kl_mode": "reward"})
