@@ -43,4 +43,16 @@ def demo_prime() -> dict:
     return cfg
 
 
-DEMO_METHODS = {"grpo": demo_grpo, "rloo": demo_rloo, "prime": demo_prime}
+def demo_step_oracle() -> dict:
+    """Exact process rewards from the task's step labels (−1 per wrong step) next to the verifier,
+    per-source leave-one-out credit: the upper bound a learned PRM could reach on this task."""
+    cfg = demo_grpo()
+    cfg["rewards"] = [{"name": "verifier", "weight": 1.0}, {"name": "step_labels", "weight": 0.5}]
+    cfg["advantage"] = {"per_source": {
+        "verifier": {"name": "prime_loo_exact", "coef": 1.0, "kwargs": {"reward_at": "last"}},
+        "step_labels": {"name": "prime_loo_exact", "coef": 1.0, "kwargs": {"reward_at": "step_end"}}}, "whiten": True}
+    cfg["train"]["out_dir"] = "runs/demo-step_oracle"
+    return cfg
+
+
+DEMO_METHODS = {"grpo": demo_grpo, "rloo": demo_rloo, "prime": demo_prime, "step_oracle": demo_step_oracle}

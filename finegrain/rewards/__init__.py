@@ -5,4 +5,4 @@ carries the task, tokenizer and models a signal may need.
 """
 
 from finegrain.rewards.base import REWARDS, RewardOutput, RewardSignal  # noqa: F401
-from finegrain.rewards import length, online_prm, verifiers  # noqa: E402,F401  (registers entries)
+from finegrain.rewards import length, online_prm, step_labels, verifiers  # noqa: E402,F401  (registers entries)

@@ -134,3 +134,11 @@ def test_kl_as_token_reward_penalty_with_a_token_level_estimator(tmp_path, sft_c
 def test_kl_reward_penalty_refused_for_an_outcome_estimator(tmp_path, sft_cache):
     with pytest.raises(ValueError, match="'kl_penalty' gives token rewards"):
         make_cfg("grpo", tmp_path / "kl2", sft_cache, **{"loss.kl_coef": 0.1, "loss.kl_mode": "reward"})
+
+
+def test_exact_step_rewards_run_through_per_source_credit(tmp_path, sft_cache):
+    cfg = make_cfg("step_oracle", tmp_path / "so", sft_cache, **{"train.steps": 2, "train.save_every": 0})
+    train(cfg, log=lambda s: None)
+    rows = [r for r in read_log(tmp_path / "so" / "metrics.jsonl") if "loss/loss" in r]
+    assert len(rows) == 2 and all("reward/step_labels/wrong_steps" in r for r in rows)
+    assert all(r["adv/abs_mean"] > 0 for r in rows)
