@@ -223,7 +223,7 @@ def plot(runs: dict, methods: list[str], target: float, budget: float, path: Pat
         ax.axvline(budget, color="grey", ls=":", lw=0.8, label="common rollout budget")
     ax.set_xlabel("generated rollouts (cumulative, incl. filtered-out groups)")
     ax.set_ylabel("held-out accuracy (sampled, T=1)")
-    ax.set_title("arith, tiny SFT model: PRIME vs outcome-only RL (band = ±1 std over seeds)", fontsize=9)
+    ax.set_title(f"arith, tiny SFT model: {' vs '.join(methods)} (band = ±1 std over seeds)", fontsize=9)
     ax.grid(alpha=0.3)
     ax.legend(fontsize=8, loc="lower right")
     fig.tight_layout()
