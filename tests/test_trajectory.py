@@ -1,7 +1,7 @@
 import torch
 import pytest
 
-from finegrain.masked import group_mean_std, last_true_index, masked_mean, masked_whiten, reverse_cumsum
+from finegrain.masked import group_mean_std, last_true_index, masked_mean, masked_reverse_cumsum, masked_whiten
 from finegrain.trajectory import (Trajectory, broadcast_steps_to_tokens, concat, place_at_step_ends, step_end_mask,
                                   token_to_step_sum)
 
@@ -90,7 +90,7 @@ def test_group_mean_std_noncontiguous_and_singleton():
 def test_reverse_cumsum_gamma_matches_loop():
     x = torch.randn(3, 7, generator=torch.Generator().manual_seed(1))
     for gamma in (1.0, 0.9):
-        out = reverse_cumsum(x, gamma)
+        out = masked_reverse_cumsum(x, torch.ones(3, 7, dtype=torch.bool), gamma)
         for b in range(3):
             for t in range(7):
                 want = sum(gamma ** (s - t) * x[b, s].item() for s in range(t, 7))
