@@ -180,9 +180,6 @@ class RunConfig:
     eval: EvalConfig = field(default_factory=EvalConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
 
-    def __post_init__(self) -> None:
-        self.rewards = [r if isinstance(r, RewardSpec) else r for r in self.rewards]
-
 
 # ---------------------------------------------------------------------------------------------
 # loading, validation, dumping

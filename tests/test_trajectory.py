@@ -36,7 +36,6 @@ def test_select_and_concat_roundtrip():
     c = concat([t.select([0, 1]), t.select([2, 3])], pad_token_id=0)
     assert torch.equal(c.response_ids, t.response_ids) and c.prompt_texts == t.prompt_texts
     # different widths are re-padded: prompts on the left, responses on the right
-    short = t.select([1]).replace if False else None
     a = t.select([0])
     b = Trajectory(**{**{k: getattr(a, k) for k in ("group_ids", "truncated")},
                       "prompt_ids": a.prompt_ids[:, 1:], "prompt_mask": a.prompt_mask[:, 1:],

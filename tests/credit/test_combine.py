@@ -10,12 +10,7 @@ import torch
 from finegrain.credit.combine import combine_source_advantages
 from finegrain.credit.prime import prime_loo_exact, prime_rloo
 from finegrain.masked import masked_whiten
-
-RTOL, ATOL = 1e-5, 1e-6
-
-
-def close(actual, expected):
-    torch.testing.assert_close(actual, torch.as_tensor(expected, dtype=actual.dtype), rtol=RTOL, atol=ATOL)
+from tests.helpers import close
 
 
 MASK = torch.tensor([[1, 1, 0], [1, 1, 1]], dtype=torch.bool)

@@ -10,22 +10,10 @@ import torch
 from finegrain.credit import ADVANTAGES
 from finegrain.credit.outcome import dr_grpo, grpo, reinforce_pp, reinforce_pp_baseline, rloo
 from tests.reference import loops
+from tests.helpers import close, T, M
 
-RTOL, ATOL = 1e-5, 1e-6
 NAMES = ["grpo", "dr_grpo", "rloo", "reinforce_pp", "reinforce_pp_baseline"]
 GROUP_RELATIVE = ["grpo", "dr_grpo", "rloo"]   # 0 for a group of one / a constant group
-
-
-def close(actual, expected):
-    torch.testing.assert_close(actual, torch.as_tensor(expected, dtype=actual.dtype), rtol=RTOL, atol=ATOL)
-
-
-def T(rows):
-    return torch.tensor(rows, dtype=torch.float32)
-
-
-def M(rows):
-    return torch.tensor(rows, dtype=torch.bool)
 
 
 def no_steps(mask):

@@ -10,22 +10,10 @@ import torch
 
 from finegrain.credit import ADVANTAGES
 from finegrain.credit.prime import prime_batch_norm, prime_loo_exact, prime_rloo, reward_positions
+from tests.helpers import close, T, M
 
-RTOL, ATOL = 1e-5, 1e-6
 ESTIMATORS = {"prime_rloo": prime_rloo, "prime_loo_exact": prime_loo_exact}
 WHERE = ["token", "step_end", "last"]
-
-
-def close(actual, expected):
-    torch.testing.assert_close(actual, torch.as_tensor(expected, dtype=actual.dtype), rtol=RTOL, atol=ATOL)
-
-
-def T(rows):
-    return torch.tensor(rows, dtype=torch.float32)
-
-
-def M(rows):
-    return torch.tensor(rows, dtype=torch.bool)
 
 
 # ----------------------------------------------------------------------------- loop reference (b)

@@ -8,13 +8,9 @@ import torch
 from finegrain.losses import AGGREGATIONS
 from finegrain.losses.aggregate import aggregate
 from tests.reference import loops
+from tests.helpers import close
 
-RTOL, ATOL = 1e-5, 1e-6
 MODES = ["token-mean", "seq-mean-token-mean", "seq-mean-token-sum", "seq-mean-token-sum-norm"]
-
-
-def close(actual, expected):
-    torch.testing.assert_close(actual, torch.as_tensor(expected, dtype=actual.dtype), rtol=RTOL, atol=ATOL)
 
 
 def random_batch(seed: int, B: int, L: int):

@@ -9,12 +9,7 @@ import torch
 
 from finegrain.losses.entropy import entropy_from_logits
 from tests.reference import loops
-
-RTOL, ATOL = 1e-5, 1e-6
-
-
-def close(actual, expected):
-    torch.testing.assert_close(actual, torch.as_tensor(expected, dtype=actual.dtype), rtol=RTOL, atol=ATOL)
+from tests.helpers import close
 
 
 def random_logits(seed: int, B: int, L: int, V: int, scale: float = 3.0):

@@ -10,13 +10,9 @@ import torch
 from finegrain.losses import KL_ESTIMATORS
 from finegrain.losses.kl import k1, k2, k3, kl_penalty
 from tests.reference import loops
+from tests.helpers import close
 
-RTOL, ATOL = 1e-5, 1e-6
 NAMES = ["k1", "k2", "k3"]
-
-
-def close(actual, expected):
-    torch.testing.assert_close(actual, torch.as_tensor(expected, dtype=actual.dtype), rtol=RTOL, atol=ATOL)
 
 
 def random_batch(seed: int, B: int, L: int):

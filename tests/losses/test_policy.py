@@ -10,13 +10,9 @@ import torch
 from finegrain.losses import POLICY_LOSSES
 from finegrain.losses.policy import ppo_clip, reinforce
 from tests.reference import loops
+from tests.helpers import close
 
-RTOL, ATOL = 1e-5, 1e-6
 METRIC_KEYS = {"clipfrac", "ratio_mean", "ratio_max", "approx_kl"}
-
-
-def close(actual, expected):
-    torch.testing.assert_close(actual, torch.as_tensor(expected, dtype=actual.dtype), rtol=RTOL, atol=ATOL)
 
 
 def log(xs):

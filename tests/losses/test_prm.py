@@ -11,13 +11,9 @@ from transformers import LlamaConfig, LlamaForCausalLM
 
 from finegrain.losses.prm import implicit_prm_ce_loss, implicit_prm_dpo_loss
 from finegrain.models.logprobs import response_logprobs
+from tests.helpers import close
 
-RTOL, ATOL = 1e-5, 1e-6
 NAN = float("nan")
-
-
-def close(actual, expected):
-    torch.testing.assert_close(actual, torch.as_tensor(expected, dtype=actual.dtype), rtol=RTOL, atol=ATOL)
 
 
 def softplus(x: float) -> float:

@@ -12,13 +12,9 @@ from finegrain.rewards.base import REWARDS
 from finegrain.rewards.implicit_prm import (STEP_SCORE_AGGREGATIONS, ImplicitPRM, implicit_step_rewards,
                                             implicit_token_rewards, sequence_score)
 from finegrain.trajectory import Trajectory, token_to_step_sum
+from tests.helpers import RTOL, ATOL, close
 
-RTOL, ATOL = 1e-5, 1e-6
 NAN = float("nan")
-
-
-def close(actual, expected):
-    torch.testing.assert_close(actual, torch.as_tensor(expected, dtype=actual.dtype), rtol=RTOL, atol=ATOL)
 
 
 # ----------------------------------------------------------------------------- pure functions (a)
