@@ -17,7 +17,6 @@ from finegrain.eval.scorers import SCORERS, ScorerContext, Scores, score, vote_w
 from finegrain.eval.search import Beam, candidates_trajectory
 from finegrain.eval.selection import STEP_AGGREGATIONS
 from finegrain.models.tokenizer import char_tokenizer
-from finegrain.tasks import TASKS
 from finegrain.tasks.base import Example
 
 RTOL, ATOL = 1e-5, 1e-6
@@ -30,16 +29,6 @@ def make_traj(tok, texts, example=EX, eos=False):
     beams = [Beam(0, tok(t, add_special_tokens=False)["input_ids"] + ([tok.eos_token_id] if eos else []))
              for t in texts]
     return candidates_trajectory(tok, [prompt], beams, [example], "newline")
-
-
-@pytest.fixture(scope="module")
-def task():
-    return TASKS.get("arith")()
-
-
-@pytest.fixture(scope="module")
-def tok():
-    return char_tokenizer(sorted(set("0123456789+-*=QA: \n")))
 
 
 # ----------------------------------------------------------------------------------- oracles

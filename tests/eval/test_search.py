@@ -10,19 +10,8 @@ from finegrain.eval.scorers import SCORERS, ScorerContext, Scores, num_steps
 from finegrain.eval.search import SEARCHES, cut_at_stop, keep_top, step_search, stop_token_ids
 from finegrain.eval.selection import aggregate_steps
 from finegrain.models.tiny import tiny_causal_lm
-from finegrain.models.tokenizer import char_tokenizer, train_bpe_tokenizer
+from finegrain.models.tokenizer import train_bpe_tokenizer
 from finegrain.rollout.base import SamplingParams
-from finegrain.tasks import TASKS
-
-
-@pytest.fixture(scope="module")
-def task():
-    return TASKS.get("arith")()
-
-
-@pytest.fixture(scope="module")
-def tok():
-    return char_tokenizer(sorted(set("0123456789+-*=QA: \n")))
 
 
 @pytest.fixture(scope="module")
