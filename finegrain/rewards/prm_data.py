@@ -37,6 +37,7 @@ from typing import Any, Callable, Hashable, Sequence
 
 import torch
 
+from finegrain.jsonl import parse_json_object
 from finegrain.segment import SEGMENTERS, Spans, token_step_ids
 from finegrain.trajectory import Trajectory
 
@@ -82,13 +83,7 @@ def parse_row(line: str, where: str, *, require_label: bool = True) -> PRMRow:
     Raises ValueError for invalid JSON, a non-object, a missing or mistyped field, a label
     outside [0, 1], or an unhashable group (list/object).
     """
-    try:
-        obj = json.loads(line)
-    except json.JSONDecodeError as e:
-        raise ValueError(f"{where}: invalid JSON ({e.msg} at column {e.colno})") from None
-    if not isinstance(obj, dict):
-        raise ValueError(f"{where}: expected a JSON object with 'prompt', 'response', 'label', "
-                         f"got {type(obj).__name__}")
+    obj = parse_json_object(line, where, ("prompt", "response", "label"))
     for key in ("prompt", "response"):
         if key not in obj:
             raise ValueError(f"{where}: missing field '{key}'")

@@ -25,7 +25,6 @@ because in free-form reasoning a line with no arithmetic is not an error.
 
 from __future__ import annotations
 
-import json
 import os
 import re
 from decimal import Decimal
@@ -33,6 +32,7 @@ from fractions import Fraction
 from pathlib import Path
 from typing import NamedTuple
 
+from finegrain.jsonl import parse_json_object
 from finegrain.segment import newline
 from finegrain.tasks import TASKS
 from finegrain.tasks.base import STEP_CORRECT, STEP_UNPARSEABLE, STEP_WRONG, Example, StepLabels
@@ -518,13 +518,7 @@ def load_jsonl(path: Path, split: str) -> list[Example]:
             if not raw.strip():
                 continue
             where = f"{path}:{lineno}"
-            try:
-                row = json.loads(raw)
-            except json.JSONDecodeError as err:
-                raise ValueError(f"gsm8k: {where}: not valid JSON ({err.msg})") from None
-            if not isinstance(row, dict):
-                raise ValueError(f"gsm8k: {where}: expected a JSON object with fields "
-                                 f"{', '.join(map(repr, FIELDS))}")
+            row = parse_json_object(raw, f"gsm8k: {where}", FIELDS)
             for key in FIELDS:
                 if not isinstance(row.get(key), str):
                     raise ValueError(f"gsm8k: {where}: missing or non-string field '{key}'")

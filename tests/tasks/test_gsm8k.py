@@ -252,7 +252,7 @@ def test_missing_file(tmp_path):
     ({"answer": "#### 1"}, "missing or non-string field 'question'"),
     ({"question": "q", "answer": 5}, "field 'answer'"),
     ({"question": "q", "answer": "no marker"}, "no final '#### <number>'"),
-    ("{not json", "not valid JSON"),
+    ("{not json", "invalid JSON"),
     ("[1, 2]", "expected a JSON object"),
 ])
 def test_bad_lines_name_file_line_and_field(tmp_path, bad_row, message):
