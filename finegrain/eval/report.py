@@ -115,6 +115,16 @@ def _accuracy_axis(ax) -> None:
     ax.grid(alpha=0.3)
 
 
+def _save(fig, path: Path) -> Path:
+    """Lay out, write and close a figure; returns the path."""
+    import matplotlib.pyplot as plt
+
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+    return path
+
+
 def _log2_axis(ax, Ns: Sequence[int]) -> None:
     """x axis: N on a log2 scale with a tick at each N; y axis: accuracy."""
     ax.set_xscale("log", base=2)
@@ -147,10 +157,7 @@ def write_plots(metrics: dict, out_dir: Path) -> list[Path]:
         _log2_axis(ax, Ns)
         ax.set_title("Best-of-N accuracy")
         ax.legend(fontsize=7)
-        fig.tight_layout()
-        written.append(out_dir / "bon_vs_n.png")
-        fig.savefig(written[-1], dpi=100)
-        plt.close(fig)
+        written.append(_save(fig, out_dir / "bon_vs_n.png"))
     by_agg = curves.get("bon_by_aggregation") or {}
     if Ns and by_agg:
         fig, axes = plt.subplots(1, len(by_agg), figsize=(5 * len(by_agg), 3.6), squeeze=False)
@@ -160,10 +167,7 @@ def write_plots(metrics: dict, out_dir: Path) -> list[Path]:
             _log2_axis(ax, Ns)
             ax.set_title(f"best-of-N by step aggregation: {name}")
             ax.legend(fontsize=7)
-        fig.tight_layout()
-        written.append(out_dir / "aggregations.png")
-        fig.savefig(written[-1], dpi=100)
-        plt.close(fig)
+        written.append(_save(fig, out_dir / "aggregations.png"))
     votes = curves.get("weighted_vote") or {}
     if Ns and (votes or curves.get("majority_vote")):
         fig, ax = plt.subplots(figsize=(6, 4))
@@ -174,10 +178,7 @@ def write_plots(metrics: dict, out_dir: Path) -> list[Path]:
         _log2_axis(ax, Ns)
         ax.set_title("Weighted majority vote")
         ax.legend(fontsize=7)
-        fig.tight_layout()
-        written.append(out_dir / "vote_vs_n.png")
-        fig.savefig(written[-1], dpi=100)
-        plt.close(fig)
+        written.append(_save(fig, out_dir / "vote_vs_n.png"))
     search = metrics.get("search") or {}
     if search.get("runs"):
         fig, ax = plt.subplots(figsize=(6, 4))
@@ -196,10 +197,7 @@ def write_plots(metrics: dict, out_dir: Path) -> list[Path]:
         _accuracy_axis(ax)
         ax.set_title("Accuracy against generated tokens")
         ax.legend(fontsize=7)
-        fig.tight_layout()
-        written.append(out_dir / "tokens.png")
-        fig.savefig(written[-1], dpi=100)
-        plt.close(fig)
+        written.append(_save(fig, out_dir / "tokens.png"))
     return written
 
 

@@ -31,7 +31,8 @@ def save_checkpoint(out_dir: Path, step: int, models: dict, state: dict, keep: i
     tmp.rename(ck)
     (root / "latest.tmp").write_text(ck.name)
     (root / "latest.tmp").replace(root / "latest")
-    for old in sorted(p for p in root.glob("step_*") if p != ck)[:-max(keep - 1, 0) or None]:
+    older = sorted(p for p in root.glob("step_*") if p != ck)
+    for old in older[:max(len(older) - (keep - 1), 0)]:  # keep the newest ``keep`` in all
         shutil.rmtree(old)
     return ck
 

@@ -81,3 +81,16 @@ def test_ratio_is_one_on_the_first_pass_and_moves_on_the_second(setup):
     assert abs(m["ratio_mean"] - 1.0) < 1e-5 and abs(m["ratio_max"] - 1.0) < 1e-5 and m["clipfrac"] == 0.0
     _, m2 = run(model, traj, adv, 1, LossConfig(), minibatches=1, epochs=2, old=old)
     assert m2["ratio_max"] > 1.0 + 1e-4  # the second epoch sees the updated policy
+
+
+def test_checkpoints_keep_the_newest_and_latest_points_to_the_last(tmp_path, setup):
+    from finegrain.train.checkpoint import latest_checkpoint, load_state, save_checkpoint
+
+    model, _, _ = setup
+    for step in (2, 4, 6):
+        save_checkpoint(tmp_path, step, {"policy": (model, None)}, {"x": step}, keep=2)
+    assert sorted(p.name for p in (tmp_path / "checkpoints").glob("step_*")) == ["step_000004", "step_000006"]
+    ck = latest_checkpoint(tmp_path)
+    assert ck.name == "step_000006" and load_state(ck)["x"] == 6 and load_state(ck)["step"] == 6
+    save_checkpoint(tmp_path, 8, {"policy": (model, None)}, {"x": 8}, keep=1)
+    assert [p.name for p in (tmp_path / "checkpoints").glob("step_*")] == ["step_000008"]
