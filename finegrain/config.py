@@ -16,6 +16,8 @@ from typing import Any
 
 import yaml
 
+from finegrain.ranges import check_range
+
 
 def _f(default: Any, help: str, **kw: Any) -> Any:
     if isinstance(default, (dict, list)):
@@ -32,6 +34,8 @@ class ModelConfig:
     dtype: str = _f("float32", "Parameter dtype: float32 | bfloat16 | float16.")
     device: str = _f("auto", "cpu | cuda | cuda:N | auto (cuda when available).")
     use_chat_template: bool = _f(True, "Wrap prompts in the tokenizer's chat template when it has one.")
+    trust_remote_code: bool = _f(False, "Let a model directory run its own Python code (auto_map). Off: such a "
+                                        "model is refused with a clear error, never an interactive prompt.")
 
 
 @dataclass
@@ -42,14 +46,14 @@ class TaskConfig:
 
 @dataclass
 class SFTConfig:
-    n_examples: int = _f(30000, "Worked solutions in the SFT corpus.")
+    n_examples: int = _f(30000, "Worked solutions in the SFT corpus.", range="[1, inf)")
     flawed_fraction: float = _f(0.3, "Fraction of SFT solutions with one deliberately wrong step (arith), so the "
-                                      "warm-started model is imperfect.")
-    epochs: int = _f(1, "Passes over the corpus.")
-    batch_size: int = _f(64, "Sequences per optimizer step.")
-    lr: float = _f(3e-3, "Peak learning rate (AdamW, linear warmup then cosine decay).")
-    warmup_steps: int = _f(50, "Linear warmup steps.")
-    seed: int = _f(0, "Seed of the corpus and the model init.")
+                                      "warm-started model is imperfect.", range="[0, 1]")
+    epochs: int = _f(1, "Passes over the corpus.", range="[1, inf)")
+    batch_size: int = _f(64, "Sequences per optimizer step.", range="[1, inf)")
+    lr: float = _f(3e-3, "Peak learning rate (AdamW, linear warmup then cosine decay).", range="(0, inf)")
+    warmup_steps: int = _f(50, "Linear warmup steps.", range="[0, inf)")
+    seed: int = _f(0, "Seed of the corpus and the model init.", range="[0, inf)")
     cache_dir: str = _f(".cache/finegrain", "Where warm-started tiny models are cached (keyed by a hash of the "
                                              "task, model and SFT settings).")
 
@@ -57,13 +61,14 @@ class SFTConfig:
 @dataclass
 class RolloutConfig:
     engine: str = _f("hf", "Rollout engine in finegrain.rollout.ROLLOUT_ENGINES.")
-    prompts_per_step: int = _f(16, "Prompts per RL step (after filtering).")
-    group_size: int = _f(8, "Samples per prompt (G).")
-    temperature: float = _f(1.0, "Sampling temperature; also divides the logits when the loss takes log-probs.")
-    top_p: float = _f(1.0, "Nucleus sampling threshold (1.0 = off).")
-    top_k: int = _f(0, "Top-k sampling (0 = off).")
-    max_new_tokens: int = _f(48, "Maximum response length in tokens.")
-    max_batch: int = _f(256, "Rows per generate call.")
+    prompts_per_step: int = _f(16, "Prompts per RL step (after filtering).", range="[1, inf)")
+    group_size: int = _f(8, "Samples per prompt (G).", range="[1, inf)")
+    temperature: float = _f(1.0, "Sampling temperature; also divides the logits when the loss takes log-probs "
+                                 "(> 0: RL needs sampled log-probs; greedy is for eval).", range="(0, 100]")
+    top_p: float = _f(1.0, "Nucleus sampling threshold (1.0 = off).", range="(0, 1]")
+    top_k: int = _f(0, "Top-k sampling (0 = off).", range="[0, inf)")
+    max_new_tokens: int = _f(48, "Maximum response length in tokens.", range="[1, inf)")
+    max_batch: int = _f(256, "Rows per generate call.", range="[1, inf)")
 
 
 @dataclass
@@ -100,8 +105,8 @@ class FilterSpec:
 class FilterConfig:
     filters: list = _f([], "Filters applied in order to each rollout batch: a list of {name, kwargs}.")
     oversample: float = _f(1.0, "Generate this many times prompts_per_step prompts, then keep the first groups "
-                                "that pass.")
-    max_refills: int = _f(2, "Extra generate rounds when too few groups pass; after them the batch may be smaller.")
+                                "that pass.", range="[1, 100]")
+    max_refills: int = _f(2, "Extra generate rounds when too few groups pass; after them the batch may be smaller.", range="[0, inf)")
 
 
 @dataclass
@@ -111,56 +116,63 @@ class LossConfig:
     aggregation: str = _f("token-mean", "How the per-token loss becomes a scalar: token-mean | seq-mean-token-mean | "
                                         "seq-mean-token-sum | seq-mean-token-sum-norm.")
     aggregation_constant: Any = _f(None, "Normaliser of seq-mean-token-sum-norm (default: max_new_tokens).")
-    kl_coef: float = _f(0.0, "Weight of the KL to the reference model (0 = no reference model is kept).")
+    kl_coef: float = _f(0.0, "Weight of the KL to the reference model (0 = no reference model is kept).", range="[0, inf)")
     kl_estimator: str = _f("k3", "KL estimator: k1 | k2 | k3.")
     kl_mode: str = _f("loss", "'loss': add kl_coef·KL to the per-token loss; 'reward': subtract it from the token "
                               "rewards (needs a token-level estimator).")
-    entropy_coef: float = _f(0.0, "Entropy bonus weight (subtracted from the loss).")
+    entropy_coef: float = _f(0.0, "Entropy bonus weight (subtracted from the loss).", range="[0, inf)")
 
 
 @dataclass
 class OptimConfig:
-    lr: float = _f(1e-4, "Policy learning rate (AdamW).")
-    weight_decay: float = _f(0.0, "AdamW weight decay.")
+    lr: float = _f(1e-4, "Policy learning rate (AdamW).", range="(0, inf)")
+    weight_decay: float = _f(0.0, "AdamW weight decay.", range="[0, inf)")
     betas: list = _f([0.9, 0.999], "AdamW betas.")
-    grad_clip: float = _f(1.0, "Clip the global gradient norm to this (0 = off).")
+    grad_clip: float = _f(1.0, "Clip the global gradient norm to this (0 = off).", range="[0, inf)")
     schedule: str = _f("constant", "LR schedule: constant | linear | cosine (decay to 0 over train.steps).")
-    warmup_steps: int = _f(0, "Linear warmup steps.")
+    warmup_steps: int = _f(0, "Linear warmup steps.", range="[0, inf)")
 
 
 @dataclass
 class PRMConfig:
-    beta: float = _f(0.05, "β of the implicit PRM: r_t = β·(log π_φ − log π_ref).")
+    beta: float = _f(0.05, "β of the implicit PRM: r_t = β·(log π_φ − log π_ref).", range="(0, inf)")
     update: str = _f("after", "Online PRM update: after (score, then update) | before (update, then re-score) | none.")
     loss: str = _f("ce", "PRM loss: ce | dpo.")
-    lr: float = _f(1e-4, "PRM learning rate (its own AdamW).")
-    grad_clip: float = _f(10.0, "PRM gradient-norm clip (0 = off).")
+    lr: float = _f(1e-4, "PRM learning rate (its own AdamW).", range="(0, inf)")
+    grad_clip: float = _f(10.0, "PRM gradient-norm clip (0 = off).", range="[0, inf)")
     ref: str = _f("initial", "π_ref of the implicit PRM: initial (frozen copy of the starting policy) | policy "
                              "(the rollout policy's log-probs).")
 
 
 @dataclass
 class EvalConfig:
-    n_problems: int = _f(200, "Held-out problems per evaluation.")
-    samples: int = _f(4, "Samples per problem (accuracy is their mean; pass@k is reported too).")
-    temperature: float = _f(1.0, "Eval sampling temperature (0 = greedy; then samples is forced to 1).")
-    max_new_tokens: int = _f(48, "Maximum response length at eval.")
+    n_problems: int = _f(200, "Held-out problems per evaluation.", range="[1, inf)")
+    samples: int = _f(4, "Samples per problem (accuracy is their mean; pass@k is reported too).", range="[1, inf)")
+    temperature: float = _f(1.0, "Eval sampling temperature (0 = greedy; then samples is forced to 1).",
+                            range="[0, 100]")
+    max_new_tokens: int = _f(48, "Maximum response length at eval.", range="[1, inf)")
     greedy_too: bool = _f(True, "Also report greedy accuracy (eval/greedy_accuracy).")
-    seed: int = _f(1234, "Eval sampling seed (the same before and after training).")
+    seed: int = _f(1234, "Eval sampling seed (the same before and after training).", range="[0, inf)")
 
 
 @dataclass
 class TrainConfig:
-    steps: int = _f(100, "RL steps (one rollout batch each).")
-    ppo_epochs: int = _f(1, "Passes over each rollout batch.")
-    minibatches: int = _f(1, "Optimizer steps per pass (the batch is split into this many minibatches).")
-    grad_accum: int = _f(1, "Micro-batches per minibatch (gradient accumulation).")
-    eval_every: int = _f(50, "Evaluate every N steps (0 = only before and after).")
-    save_every: int = _f(25, "Checkpoint every N steps (0 = only at the end).")
-    seed: int = _f(0, "Run seed: prompt order, sampling seeds and minibatch shuffles derive from it.")
+    steps: int = _f(100, "RL steps (one rollout batch each).", range="[1, inf)")
+    ppo_epochs: int = _f(1, "Passes over each rollout batch.", range="[1, inf)")
+    minibatches: int = _f(1, "Optimizer steps per pass (the batch is split into this many minibatches).", range="[1, inf)")
+    grad_accum: int = _f(1, "Micro-batches per minibatch (gradient accumulation).", range="[1, inf)")
+    eval_every: int = _f(50, "Evaluate every N steps (0 = only before and after).", range="[0, inf)")
+    save_every: int = _f(25, "Checkpoint every N steps (0 = only at the end).", range="[0, inf)")
+    seed: int = _f(0, "Run seed: prompt order, sampling seeds and minibatch shuffles derive from it.", range="[0, inf)")
     out_dir: str = _f("runs/demo", "Run directory (logs, checkpoints, report).")
-    resume: bool = _f(True, "Resume from the last checkpoint in out_dir when there is one.")
+    resume: Any = _f(True, "true: resume from the newest valid checkpoint in out_dir (refused if the config "
+                           "differs in a key that changes training); force: resume and apply the new config, "
+                           "recording the change in config_changes.jsonl; false: start fresh (refused if out_dir "
+                           "already holds a run).")
     tensorboard: bool = _f(True, "Also log to TensorBoard (needs the tensorboard package).")
+    wandb_project: str = _f("", "Also log to Weights & Biases under this project ('' = off; needs the wandb "
+                                "package; WANDB_MODE=offline works without a network).")
+    wandb_mode: str = _f("online", "W&B mode: online | offline | disabled (WANDB_MODE, when set, wins).")
     progress: bool = _f(True, "Show a progress bar.")
 
 
@@ -281,12 +293,20 @@ def load_config(path: str | Path | None = None, overrides: list[str] | None = No
     data: dict = {}
     if path is not None:
         p = Path(path)
-        if not p.exists():
-            raise FileNotFoundError(f"config file {p}: not found")
+        if not p.is_file():
+            raise FileNotFoundError(f"config file {p}: {'is a directory' if p.is_dir() else 'not found'}")
         try:
-            data = yaml.safe_load(p.read_text()) or {}
+            data = yaml.safe_load(p.read_text())
         except yaml.YAMLError as e:
             raise ValueError(f"config file {p}: not valid YAML ({str(e).splitlines()[0]})") from None
+        except UnicodeDecodeError:
+            raise ValueError(f"config file {p}: not UTF-8 text") from None
+        if data is None or data == {}:  # an empty file would silently start a full default run
+            raise ValueError(f"config file {p}: empty; start from a file in configs/ "
+                             f"(`finegrain config configs/arith_grpo.yaml` prints one)")
+        if not isinstance(data, dict):
+            raise ValueError(f"config file {p}: expected a mapping of sections (model, rollout, ...), "
+                             f"got {type(data).__name__}")
     data = apply_overrides(data, overrides or [])
     cfg = from_dict(RunConfig, data)
     validate(cfg)
@@ -302,13 +322,61 @@ def _choice(where: str, value: str, allowed: list[str]) -> None:
         raise ValueError(f"{where}: expected one of {', '.join(allowed)}, got '{value}'")
 
 
-def _positive(where: str, value: float, allow_zero: bool = False) -> None:
-    if value < 0 or (value == 0 and not allow_zero):
-        raise ValueError(f"{where}: expected {'≥ 0' if allow_zero else '> 0'}, got {value}")
+def check_ranges(obj: Any, prefix: str = "") -> None:
+    """Every numeric field of a config dataclass (recursively) is finite and inside the range its
+    ``range`` metadata declares; fields without a range must still be finite."""
+    for f in dataclasses.fields(obj):
+        value, where = getattr(obj, f.name), f"{prefix}{f.name}"
+        if dataclasses.is_dataclass(value):
+            check_ranges(value, where + ".")
+        elif isinstance(value, list) and value and dataclasses.is_dataclass(value[0]):
+            for i, v in enumerate(value):
+                check_ranges(v, f"{where}[{i}].")
+        else:
+            check_range(where, value, f.metadata.get("range"))
+
+
+def _check_special(cfg: RunConfig) -> None:
+    """The fields whose allowed values are not one numeric interval."""
+    b = cfg.optim.betas
+    if len(b) != 2 or not all(isinstance(x, (int, float)) and not isinstance(x, bool) for x in b):
+        raise ValueError(f"optim.betas: expected two numbers [beta1, beta2], got {b!r}")
+    for i, x in enumerate(b):
+        check_range(f"optim.betas[{i}]", x, "[0, 1)")
+    c = cfg.loss.aggregation_constant
+    if c is not None:
+        if isinstance(c, bool) or not isinstance(c, (int, float)):
+            raise ValueError(f"loss.aggregation_constant: expected a number or null, got {c!r}")
+        check_range("loss.aggregation_constant", c, "(0, inf)")
+    if cfg.train.resume not in (True, False, "force"):
+        raise ValueError(f"train.resume: expected true, false or force, got {cfg.train.resume!r}")
+    if not cfg.train.out_dir.strip():
+        raise ValueError("train.out_dir: expected a directory path, got ''")
+
+
+def _check_groups(cfg: RunConfig) -> None:
+    """Group-relative estimators and group filters need at least 2 samples per prompt: with one,
+    every advantage is 0 (or every group is filtered out) and the run cannot learn."""
+    from finegrain.credit import ADVANTAGES
+    from finegrain.filters import FILTERS
+
+    if cfg.rollout.group_size >= 2:
+        return
+    ests = ([(f"advantage.per_source.{src}", spec["name"]) for src, spec in cfg.advantage.per_source.items()]
+            if cfg.advantage.per_source else [("advantage.name", cfg.advantage.name)])
+    for i, f in enumerate(cfg.filters.filters):
+        name = f["name"] if isinstance(f, dict) else f.name
+        if FILTERS.meta(name).get("needs_groups"):
+            raise ValueError(f"filters.filters[{i}]: '{name}' compares samples of a prompt, but rollout.group_size is "
+                             f"{cfg.rollout.group_size}; use group_size ≥ 2")
+    for where, name in ests:
+        if ADVANTAGES.meta(name).get("needs_groups"):
+            raise ValueError(f"{where}: '{name}' is group-relative and needs rollout.group_size ≥ 2, got "
+                             f"{cfg.rollout.group_size} (every advantage would be 0); or use reinforce_pp")
 
 
 def validate(cfg: RunConfig) -> None:
-    """Check names against the registries and ranges, before any work starts."""
+    """Check names against the registries and every value against its range, before any work."""
     from finegrain.credit import ADVANTAGES
     from finegrain.filters import FILTERS
     from finegrain.losses import AGGREGATIONS, KL_ESTIMATORS, POLICY_LOSSES
@@ -316,6 +384,8 @@ def validate(cfg: RunConfig) -> None:
     from finegrain.rollout import ROLLOUT_ENGINES
     from finegrain.tasks import TASKS
 
+    check_ranges(cfg)
+    _check_special(cfg)
     _choice("task.name", cfg.task.name, TASKS.names())
     _choice("model.family", cfg.model.family, ["qwen2", "llama"])
     _choice("model.dtype", cfg.model.dtype, ["float32", "bfloat16", "float16"])
@@ -333,6 +403,7 @@ def validate(cfg: RunConfig) -> None:
             if src not in names and src != "kl_penalty":
                 raise ValueError(f"advantage.per_source.{src}: not a reward source; sources: {', '.join(names)}")
             sc = from_dict(SourceCredit, spec, f"advantage.per_source.{src}")
+            check_ranges(sc, f"advantage.per_source.{src}.")
             _choice(f"advantage.per_source.{src}.name", sc.name, ADVANTAGES.names())
             ADVANTAGES.check_kwargs(sc.name, sc.kwargs, f"advantage.per_source.{src}.kwargs")
         needed = names + (["kl_penalty"] if cfg.loss.kl_coef > 0 and cfg.loss.kl_mode == "reward" else [])
@@ -346,6 +417,9 @@ def validate(cfg: RunConfig) -> None:
         spec = from_dict(FilterSpec, f, f"filters.filters[{i}]") if isinstance(f, dict) else f
         _choice(f"filters.filters[{i}].name", spec.name, FILTERS.names())
         FILTERS.check_kwargs(spec.name, spec.kwargs, f"filters.filters[{i}].kwargs")
+        lo, hi = spec.kwargs.get("low"), spec.kwargs.get("high")
+        if spec.name == "accuracy_band" and lo is not None and hi is not None and lo > hi:
+            raise ValueError(f"filters.filters[{i}].kwargs: low ({lo}) must be ≤ high ({hi})")
     check_levels(cfg)
     _choice("loss.name", cfg.loss.name, POLICY_LOSSES.names())
     POLICY_LOSSES.check_kwargs(cfg.loss.name, cfg.loss.kwargs, "loss.kwargs")
@@ -356,19 +430,8 @@ def validate(cfg: RunConfig) -> None:
     _choice("prm.update", cfg.prm.update, ["after", "before", "none"])
     _choice("prm.loss", cfg.prm.loss, ["ce", "dpo"])
     _choice("prm.ref", cfg.prm.ref, ["initial", "policy"])
-    for where, v in [("rollout.prompts_per_step", cfg.rollout.prompts_per_step), ("rollout.group_size", cfg.rollout.group_size),
-                     ("rollout.max_new_tokens", cfg.rollout.max_new_tokens), ("train.ppo_epochs", cfg.train.ppo_epochs),
-                     ("train.minibatches", cfg.train.minibatches), ("train.grad_accum", cfg.train.grad_accum),
-                     ("optim.lr", cfg.optim.lr), ("eval.samples", cfg.eval.samples), ("sft.batch_size", cfg.sft.batch_size)]:
-        _positive(where, v)
-    for where, v in [("train.steps", cfg.train.steps), ("rollout.temperature", cfg.rollout.temperature),
-                     ("eval.n_problems", cfg.eval.n_problems), ("loss.kl_coef", cfg.loss.kl_coef),
-                     ("train.eval_every", cfg.train.eval_every), ("train.save_every", cfg.train.save_every)]:
-        _positive(where, v, allow_zero=True)
-    if not 0 < cfg.rollout.top_p <= 1:
-        raise ValueError(f"rollout.top_p: expected in (0, 1], got {cfg.rollout.top_p}")
-    if cfg.filters.oversample < 1:
-        raise ValueError(f"filters.oversample: expected ≥ 1, got {cfg.filters.oversample}")
+    _choice("train.wandb_mode", cfg.train.wandb_mode, ["online", "offline", "disabled"])
+    _check_groups(cfg)
     B = cfg.rollout.prompts_per_step * cfg.rollout.group_size
     if B % (cfg.train.minibatches * cfg.train.grad_accum):
         raise ValueError(f"train.minibatches × train.grad_accum = {cfg.train.minibatches * cfg.train.grad_accum} "

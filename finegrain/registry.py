@@ -59,10 +59,15 @@ class Registry:
         return name in self._entries
 
     def check_kwargs(self, name: str, kwargs: dict[str, Any], where: str) -> None:
-        """Raise one clear line if ``kwargs`` holds a key the entry's keyword-only params lack.
+        """Raise one clear line if ``kwargs`` holds a key the entry's keyword-only params lack, a
+        value of the wrong scalar type, a non-finite number, or a number outside the entry's
+        declared ``bounds`` (registry metadata ``bounds={"clip_low": "[0, 1)"}``).
 
         ``where`` names the config field, e.g. ``advantage.kwargs``.
         """
+        from finegrain.ranges import check_range
+
+        bounds = self._meta.get(name, {}).get("bounds", {})
         fn = self.get(name)
         # classes built through ``from_context(ctx, **kwargs)`` are checked against that signature
         target = getattr(fn, "from_context", None) or (fn.__init__ if inspect.isclass(fn) else fn)
@@ -78,6 +83,7 @@ class Registry:
             if want is not None and not any(_is(value, t) for t in want):
                 names = " | ".join("None" if t is type(None) else t.__name__ for t in want)
                 raise ValueError(f"{where}.{key}: expected {names}, got {value!r}")
+            check_range(f"{where}.{key}", value, bounds.get(key))
 
 
 _SIMPLE = {"bool": bool, "int": int, "float": float, "str": str, "None": type(None)}

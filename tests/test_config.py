@@ -47,7 +47,7 @@ def test_yaml_roundtrip(tmp_path):
     ("advantage.name=gpro", r"^advantage.name: expected one of .*grpo"),
     ("advantage.kwargs={scale_by_sd: false}", r"^advantage.kwargs: unknown key 'scale_by_sd' for advantage estimator 'grpo'; allowed: scale_by_std, eps"),
     ("loss.aggregation=mean", r"^loss.aggregation: expected one of"),
-    ("rollout.top_p=1.5", r"^rollout.top_p: expected in \(0, 1\]"),
+    ("rollout.top_p=1.5", r"^rollout.top_p: expected a number in \(0, 1\], got 1.5"),
     ("train.minibatches=3", r"must divide the batch"),
     ("rewards=[{name: verifier, wieght: 2}]", r"^rewards\[0\].wieght: unknown key"),
     ("advantage.kwargs={scale_by_std: maybe}", r"^advantage.kwargs.scale_by_std: expected bool, got 'maybe'"),

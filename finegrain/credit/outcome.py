@@ -79,7 +79,7 @@ def _broadcast(seq_adv: torch.Tensor, loss_mask: torch.Tensor) -> torch.Tensor:
     return torch.where(loss_mask, seq_adv[:, None], torch.zeros((), dtype=seq_adv.dtype, device=seq_adv.device))
 
 
-@ADVANTAGES.register("grpo", consumes="outcome")
+@ADVANTAGES.register("grpo", consumes="outcome", needs_groups=True, bounds={"eps": "(0, inf)"})
 @torch.no_grad()
 def grpo(token_rewards: torch.Tensor, loss_mask: torch.Tensor, group_ids: torch.Tensor,
          step_ids: torch.Tensor, *, scale_by_std: bool = True, eps: float = 1e-6) -> torch.Tensor:
@@ -112,7 +112,7 @@ def grpo(token_rewards: torch.Tensor, loss_mask: torch.Tensor, group_ids: torch.
     return _broadcast(adv, loss_mask)                              # (B, L)
 
 
-@ADVANTAGES.register("dr_grpo", consumes="outcome")
+@ADVANTAGES.register("dr_grpo", consumes="outcome", needs_groups=True)
 @torch.no_grad()
 def dr_grpo(token_rewards: torch.Tensor, loss_mask: torch.Tensor, group_ids: torch.Tensor,
             step_ids: torch.Tensor) -> torch.Tensor:
@@ -130,7 +130,7 @@ def dr_grpo(token_rewards: torch.Tensor, loss_mask: torch.Tensor, group_ids: tor
     return grpo(token_rewards, loss_mask, group_ids, step_ids, scale_by_std=False)
 
 
-@ADVANTAGES.register("rloo", consumes="outcome")
+@ADVANTAGES.register("rloo", consumes="outcome", needs_groups=True)
 @torch.no_grad()
 def rloo(token_rewards: torch.Tensor, loss_mask: torch.Tensor, group_ids: torch.Tensor,
          step_ids: torch.Tensor) -> torch.Tensor:
@@ -151,7 +151,7 @@ def rloo(token_rewards: torch.Tensor, loss_mask: torch.Tensor, group_ids: torch.
     return _broadcast(centered * scale, loss_mask)                 # (B, L)
 
 
-@ADVANTAGES.register("reinforce_pp", consumes="token")
+@ADVANTAGES.register("reinforce_pp", consumes="token", bounds={"gamma": "[0, 1]"})
 @torch.no_grad()
 def reinforce_pp(token_rewards: torch.Tensor, loss_mask: torch.Tensor, group_ids: torch.Tensor,
                  step_ids: torch.Tensor, *, gamma: float = 1.0) -> torch.Tensor:
@@ -181,7 +181,7 @@ def reinforce_pp(token_rewards: torch.Tensor, loss_mask: torch.Tensor, group_ids
     return masked_whiten(returns, loss_mask)                           # (B, L)
 
 
-@ADVANTAGES.register("reinforce_pp_baseline", consumes="outcome")
+@ADVANTAGES.register("reinforce_pp_baseline", consumes="outcome", needs_groups=True)
 @torch.no_grad()
 def reinforce_pp_baseline(token_rewards: torch.Tensor, loss_mask: torch.Tensor, group_ids: torch.Tensor,
                           step_ids: torch.Tensor) -> torch.Tensor:

@@ -116,7 +116,7 @@ def _loo_stats(token_rewards, loss_mask, group_ids, step_ids, reward_at):
     return pos, m, loo, n_others
 
 
-@ADVANTAGES.register("prime_rloo", consumes="token")
+@ADVANTAGES.register("prime_rloo", consumes="token", needs_groups=True, bounds={"gamma": "[0, 1]"})
 @torch.no_grad()
 def prime_rloo(token_rewards: torch.Tensor, loss_mask: torch.Tensor, group_ids: torch.Tensor,
                step_ids: torch.Tensor, *, gamma: float = 1.0, reward_at: str = "token") -> torch.Tensor:
@@ -157,7 +157,7 @@ def prime_rloo(token_rewards: torch.Tensor, loss_mask: torch.Tensor, group_ids: 
     return masked_reverse_cumsum(shaped, loss_mask, gamma)                   # (B, L)
 
 
-@ADVANTAGES.register("prime_loo_exact", consumes="token")
+@ADVANTAGES.register("prime_loo_exact", consumes="token", needs_groups=True, bounds={"gamma": "[0, 1]"})
 @torch.no_grad()
 def prime_loo_exact(token_rewards: torch.Tensor, loss_mask: torch.Tensor, group_ids: torch.Tensor,
                     step_ids: torch.Tensor, *, gamma: float = 1.0, reward_at: str = "token") -> torch.Tensor:

@@ -16,7 +16,7 @@ from finegrain.filters import FILTERS
 from finegrain.masked import group_mean_std
 
 
-@FILTERS.register("accuracy_band")
+@FILTERS.register("accuracy_band", needs_groups=True, bounds={"low": "[0, 1]", "high": "[0, 1]"})
 def accuracy_band(traj, outcome: torch.Tensor, *, low: float = 0.2, high: float = 0.8):
     """Keep groups with low ≤ mean_g(outcome) ≤ high. outcome (B,) in [0, 1]."""
     mean, _, _ = group_mean_std(outcome.float(), traj.group_ids)
@@ -24,7 +24,7 @@ def accuracy_band(traj, outcome: torch.Tensor, *, low: float = 0.2, high: float 
     return keep, traj.loss_mask, {"kept_frac": keep.float().mean()}
 
 
-@FILTERS.register("zero_variance")
+@FILTERS.register("zero_variance", needs_groups=True, bounds={"eps": "[0, inf)"})
 def zero_variance(traj, outcome: torch.Tensor, *, eps: float = 1e-8):
     """Keep groups whose outcomes are not all equal (std > eps). A group of one is dropped."""
     _, std, _ = group_mean_std(outcome.float(), traj.group_ids)

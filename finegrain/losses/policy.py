@@ -77,7 +77,7 @@ def _ratio_metrics(log_ratio: torch.Tensor, loss_mask: torch.Tensor, clipped: to
     }
 
 
-@POLICY_LOSSES.register("ppo_clip")
+@POLICY_LOSSES.register("ppo_clip", bounds={"clip_low": "[0, 1)", "clip_high": "(0, inf)", "dual_clip_c": "(1, inf)"})
 def ppo_clip(logprobs: torch.Tensor, old_logprobs: torch.Tensor, advantages: torch.Tensor,
              loss_mask: torch.Tensor, *, clip_low: float = 0.2, clip_high: float = 0.2,
              dual_clip_c: float | None = None) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:

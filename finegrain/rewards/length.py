@@ -27,7 +27,7 @@ def soft_overlong_penalty(lengths: torch.Tensor, *, max_len: int, cache_len: int
     return torch.where(lengths > max_len, torch.full_like(lengths, -1.0), out)
 
 
-@REWARDS.register("overlong", level="outcome")
+@REWARDS.register("overlong", level="outcome", bounds={"max_len": "[1, inf)", "cache_len": "[0, inf)"})
 class OverlongPenalty:
     """Outcome-level soft overlong penalty on the response length (real tokens, EOS included)."""
 
