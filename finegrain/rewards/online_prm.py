@@ -27,9 +27,10 @@ from finegrain.losses.prm import implicit_prm_ce_loss, implicit_prm_dpo_loss
 from finegrain.rewards.base import REWARDS, RewardOutput
 from finegrain.rewards.implicit_prm import ImplicitPRM
 from finegrain.train.checkpoint import load_weights_into
+from finegrain.train.guards import check_finite, clip_and_step
 
 
-@REWARDS.register("implicit_prm", level="token", levels=("token", "step"))  # kwargs.level overrides
+@REWARDS.register("implicit_prm", level="token", levels=("token", "step"), bounds={"micro_batch": "[1, inf)"})  # kwargs.level overrides
 class OnlineImplicitPRM(ImplicitPRM):
     """ImplicitPRM plus its own optimizer and online update.
 
@@ -82,11 +83,9 @@ class OnlineImplicitPRM(ImplicitPRM):
 
     def _step(self, loss: torch.Tensor) -> float:
         self.optimizer.zero_grad(set_to_none=True)
+        check_finite("implicit_prm loss", loss)
         loss.backward()
-        gnorm = torch.nn.utils.clip_grad_norm_(self.prm_model.parameters(),
-                                               self.grad_clip if self.grad_clip > 0 else float("inf"))
-        self.optimizer.step()
-        return float(gnorm)
+        return clip_and_step(self.prm_model.parameters(), self.optimizer, self.grad_clip, "implicit_prm update")
 
     def _output(self, log_ratio: torch.Tensor, traj) -> RewardOutput:
         out = self.output_from_log_ratio(log_ratio, traj)

@@ -49,6 +49,20 @@ class HFEngine:
         if tokenizer.pad_token_id is None:
             raise ValueError("tokenizer: needs a pad token (set tokenizer.pad_token, e.g. to the EOS token)")
 
+    @property
+    def context_length(self) -> int | None:
+        """The model's maximum sequence length (prompt + response), None if it does not say."""
+        return getattr(self.model.config, "max_position_embeddings", None)
+
+    def prompt_fits(self, examples: list[Example], max_new_tokens: int) -> list[bool]:
+        """Whether each example's rendered prompt plus ``max_new_tokens`` fits the context."""
+        ctx = self.context_length
+        if ctx is None or not examples:
+            return [True] * len(examples)
+        texts = [render_prompt(self.tokenizer, e.prompt, self.use_chat_template) for e in examples]
+        lengths = [len(ids) for ids in self.tokenizer(texts, add_special_tokens=True)["input_ids"]]
+        return [n + max_new_tokens <= ctx for n in lengths]
+
     @torch.no_grad()
     def generate(self, examples: list[Example], n: int, sampling: SamplingParams, seed: int,
                  group_offset: int = 0) -> Trajectory:
@@ -75,6 +89,11 @@ class HFEngine:
         enc = tok(prompts, return_tensors="pt", padding=True, add_special_tokens=True)
         prompt_ids = enc["input_ids"].to(device)  # (B, P)
         prompt_mask = enc["attention_mask"].bool().to(device)
+        ctx = self.context_length
+        if ctx is not None and prompt_mask.sum(1).max() + sp.max_new_tokens > ctx:
+            worst = int(prompt_mask.sum(1).argmax())
+            raise ValueError(f"example '{examples[worst].id}': prompt of {int(prompt_mask[worst].sum())} tokens plus "
+                             f"max_new_tokens={sp.max_new_tokens} exceeds the model's context of {ctx} tokens")
         greedy = sp.temperature == 0
         vocab = self.model.get_output_embeddings().weight.shape[0]
         keep_logits = len(prompts) * sp.max_new_tokens * vocab * 4 <= self.logits_budget_bytes

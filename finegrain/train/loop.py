@@ -19,7 +19,7 @@ from typing import Any, Callable
 
 import torch
 
-from finegrain.config import FilterSpec, RunConfig, SourceCredit, dump_config, from_dict
+from finegrain.config import FilterSpec, RunConfig, SourceCredit, dump_config, from_dict, to_dict, validate
 from finegrain.credit import ADVANTAGES
 from finegrain.credit.combine import combine_source_advantages
 from finegrain.eval.runner import evaluate
@@ -32,8 +32,11 @@ from finegrain.rewards.base import cat_outputs, select_output
 from finegrain.rewards.combine import combine, total
 from finegrain.rollout import ROLLOUT_ENGINES, SamplingParams, sample_seed
 from finegrain.tasks import TASKS
-from finegrain.train.checkpoint import latest_checkpoint, load_state, load_weights_into, save_checkpoint
-from finegrain.train.logging import RunLogger, prefixed, read_log
+from finegrain.train import rundir
+from finegrain.train.checkpoint import load_weights_into, save_checkpoint
+from finegrain.train.guards import check_finite
+from finegrain.train.lock import RunLock
+from finegrain.train.logging import RunLogger, prefixed, read_log, wandb_settings
 from finegrain.train.progress import Progress
 from finegrain.train.update import batch_logprobs, policy_update
 from finegrain.trajectory import concat
@@ -52,7 +55,8 @@ class RewardContext:
 
 def build_policy(cfg: RunConfig, task, log):
     if cfg.model.path:
-        model, tok = load_pretrained(cfg.model.path, cfg.model.dtype, cfg.model.device)
+        model, tok = load_pretrained(cfg.model.path, cfg.model.dtype, cfg.model.device,
+                                     trust_remote_code=cfg.model.trust_remote_code)
         return model, tok, {"path": cfg.model.path}
     return warm_started_tiny(task, cfg.task.kwargs, cfg.model, cfg.sft, log)
 
@@ -79,6 +83,30 @@ def make_schedule(optimizer, cfg: RunConfig):
         return w * {"constant": 1.0, "linear": 1.0 - frac, "cosine": 0.5 * (1 + math.cos(math.pi * frac))}[cfg.optim.schedule]
 
     return torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
+
+
+def apply_optim_config(optimizer, scheduler, cfg: RunConfig) -> None:
+    """After loading saved optimizer/scheduler state, set the configured lr, betas and weight decay
+    (``train.resume=force``); the current lr follows the schedule at the saved step."""
+    scheduler.base_lrs = [cfg.optim.lr for _ in optimizer.param_groups]
+    for g, fn in zip(optimizer.param_groups, scheduler.lr_lambdas):
+        g.update(lr=cfg.optim.lr * fn(scheduler.last_epoch), betas=tuple(cfg.optim.betas),
+                 weight_decay=cfg.optim.weight_decay)
+    scheduler._last_lr = [g["lr"] for g in optimizer.param_groups]
+
+
+def fitting_prompts(engine, examples: list, max_new_tokens: int, what: str, log) -> list:
+    """The examples whose prompt plus ``max_new_tokens`` fits the model's context; says how many
+    were dropped, and refuses when none fit."""
+    fits = engine.prompt_fits(examples, max_new_tokens)
+    kept = [e for e, ok in zip(examples, fits) if ok]
+    if len(kept) < len(examples):
+        log(f"dropped {len(examples) - len(kept)} of {len(examples)} {what} problems whose prompt plus "
+            f"{max_new_tokens} new tokens exceeds the model's context of {engine.context_length} tokens")
+    if examples and not kept:
+        raise ValueError(f"every {what} prompt is too long for the model's context of {engine.context_length} tokens "
+                         f"with {max_new_tokens} new tokens (rollout.max_new_tokens / eval.max_new_tokens)")
+    return kept
 
 
 def collect_batch(cfg: RunConfig, engine, pool, signals, filters, step: int):
@@ -149,18 +177,30 @@ def train(cfg: RunConfig, *, stop_after: int | None = None, log: Callable[[str],
     """Run RL as configured; returns the report (also written to ``<out_dir>/report.json``).
 
     ``stop_after`` ends the run after that many steps as if it were killed (tests use it to
-    check that resuming gives the same metrics as an uninterrupted run).
+    check that resuming gives the same metrics as an uninterrupted run). The run directory is
+    locked for the whole call; how an existing run there is continued is ``train/rundir.py``.
     """
+    validate(cfg)
+    with RunLock(cfg.train.out_dir):
+        return _train(cfg, Path(cfg.train.out_dir), stop_after, log)
+
+
+def _train(cfg: RunConfig, out: Path, stop_after: int | None, log: Callable[[str], None]) -> dict:
     t_start = time.time()
-    out = Path(cfg.train.out_dir)
-    out.mkdir(parents=True, exist_ok=True)
-    dump_config(cfg, out / "config.yaml")
+    resume = rundir.prepare(cfg, out, log)  # refusals happen here, before any model is loaded
+    if resume.finished is not None:
+        return resume.finished
 
     # ---- seeding: the one place the global RNG is seeded; everything else derives from (seed, step)
     torch.manual_seed(cfg.train.seed)
     random.seed(cfg.train.seed)
 
     task = TASKS.get(cfg.task.name)(**cfg.task.kwargs)
+    pool = task.examples("train")
+    if cfg.rollout.prompts_per_step > len(pool):
+        raise ValueError(f"rollout.prompts_per_step: {cfg.rollout.prompts_per_step} exceeds the {len(pool)} training "
+                         f"problems of task '{cfg.task.name}'")
+    eval_set = task.examples("test", cfg.eval.n_problems)
     policy, tok, init_info = build_policy(cfg, task, log)
     device = policy.device
     initial: dict[str, Any] = {}
@@ -185,21 +225,22 @@ def train(cfg: RunConfig, *, stop_after: int | None = None, log: Callable[[str],
     scheduler = make_schedule(optimizer, cfg)
     trainables = {n: s for n, s in signals.items() if hasattr(s, "state_dict_for_checkpoint")}
 
-    start, resumed_state = 0, None
-    ck = latest_checkpoint(out) if cfg.train.resume else None
+    start, ck, resumed_state = 0, resume.checkpoint, resume.state
     if ck is not None:
-        resumed_state = load_state(ck)
         load_weights_into(policy, ck / "policy")
         optimizer.load_state_dict(resumed_state["optimizer"])
         scheduler.load_state_dict(resumed_state["scheduler"])
+        if resume.changes:  # train.resume=force: the new optimizer settings win over the saved ones
+            apply_optim_config(optimizer, scheduler, cfg)
         for n, s in trainables.items():
             s.load_checkpoint(ck / n, resumed_state["signals"][n])
         start = resumed_state["step"]
         log(f"resumed from {ck} at step {start}")
-    logger = RunLogger(out, cfg.train.tensorboard, resume_step=start if ck is not None else None)
-
-    pool = task.examples("train")
-    eval_set = task.examples("test", cfg.eval.n_problems)
+    pool = fitting_prompts(engine, pool, cfg.rollout.max_new_tokens, "training", log)
+    eval_set = fitting_prompts(engine, eval_set, cfg.eval.max_new_tokens, "held-out", log)
+    dump_config(cfg, out / "config.yaml")  # only now: the run has validated, loaded and resumed
+    logger = RunLogger(out, cfg.train.tensorboard, resume_step=start if ck is not None else None,
+                       wandb=wandb_settings(cfg, out))
     ev = dict(samples=cfg.eval.samples, temperature=cfg.eval.temperature, max_new_tokens=cfg.eval.max_new_tokens,
               seed=cfg.eval.seed, greedy_too=cfg.eval.greedy_too)
     if resumed_state is not None:
@@ -232,8 +273,11 @@ def train(cfg: RunConfig, *, stop_after: int | None = None, log: Callable[[str],
                 kl = KL_ESTIMATORS.get(cfg.loss.kl_estimator)(lp, ref_logprobs)
                 per_source["kl_penalty"] = -cfg.loss.kl_coef * torch.where(traj.loss_mask, kl, torch.zeros_like(kl))
             t_score = time.time()
+            for src, r in per_source.items():
+                check_finite(f"step {step + 1}: token rewards of '{src}'", r, traj.response_mask)
             # ---- credit
             advantages = compute_advantages(cfg, per_source, traj)
+            check_finite(f"step {step + 1}: advantages", advantages, traj.loss_mask)
             # ---- update
             shuffle_gen.manual_seed(sample_seed(cfg.train.seed, step, 99))
             umetrics = policy_update(policy, optimizer, traj, advantages, old_logprobs=old_logprobs,
@@ -263,7 +307,7 @@ def train(cfg: RunConfig, *, stop_after: int | None = None, log: Callable[[str],
             acc = row.get("filter/sampled_accuracy", row.get("reward/verifier/accuracy", float("nan")))
             bar.update(step + 1, info=f"acc {acc:.2f}  loss {row.get('loss/loss', 0):.3f}")
             if (cfg.train.save_every and (step + 1) % cfg.train.save_every == 0) or step + 1 == cfg.train.steps:
-                _save(out, step + 1, policy, tok, optimizer, scheduler, trainables, before)
+                _save(out, step + 1, policy, tok, optimizer, scheduler, trainables, before, cfg)
             if stop_after is not None and step + 1 >= stop_after:
                 logger.close()
                 return {"stopped_at": step + 1}
@@ -284,10 +328,10 @@ def train(cfg: RunConfig, *, stop_after: int | None = None, log: Callable[[str],
     return report
 
 
-def _save(out, step, policy, tok, optimizer, scheduler, trainables, before) -> None:
+def _save(out, step, policy, tok, optimizer, scheduler, trainables, before, cfg) -> None:
     models = {"policy": (policy, tok)}
     state = {"optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(), "eval_before": before,
-             "signals": {}}
+             "signals": {}, "config": to_dict(cfg)}
     for n, s in trainables.items():
         model, extra = s.state_dict_for_checkpoint()
         models[n] = (model, None)

@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import math
 import random
 import time
 from pathlib import Path
@@ -38,7 +39,9 @@ from finegrain.losses.prm import implicit_prm_ce_loss, implicit_prm_dpo_loss
 from finegrain.rewards.implicit_prm import STEP_SCORE_AGGREGATIONS, ImplicitPRM, implicit_step_rewards, sequence_score
 from finegrain.rewards.prm_data import PRMRow, group_index, labels_tensor, to_trajectory
 from finegrain.segment import SEGMENTERS, Spans, token_char_offsets
-from finegrain.train.checkpoint import latest_checkpoint, load_state, load_weights_into, save_checkpoint
+from finegrain.train.checkpoint import find_checkpoint, load_weights_into, save_checkpoint
+from finegrain.train.guards import check_finite, clip_and_step
+from finegrain.train.lock import RunLock
 from finegrain.train.progress import Progress
 
 LOSSES = ("ce", "dpo")
@@ -210,8 +213,10 @@ def train_prm(prm_model, ref_model, tokenizer, rows: Sequence[PRMRow], *, loss: 
     if loss not in LOSSES:
         raise ValueError(f"loss: expected one of {', '.join(LOSSES)}, got '{loss}'")
     for name, v in (("beta", beta), ("lr", lr)):
-        if not v > 0:
-            raise ValueError(f"{name}: expected > 0, got {v}")
+        if not (v > 0 and math.isfinite(v)):
+            raise ValueError(f"{name}: expected a finite number > 0, got {v}")
+    if not math.isfinite(grad_clip):
+        raise ValueError(f"grad_clip: expected a finite number (≤ 0 turns clipping off), got {grad_clip}")
     for name, v in (("epochs", epochs), ("batch_size", batch_size)):
         if v < 1:
             raise ValueError(f"{name}: expected ≥ 1, got {v}")
@@ -238,68 +243,71 @@ def train_prm(prm_model, ref_model, tokenizer, rows: Sequence[PRMRow], *, loss: 
     key = _run_key(rows, loss=loss, beta=beta, lr=lr, batch_size=batch_size, grad_clip=grad_clip, seed=seed,
                    segmenter=seg_name)
 
-    # ---- resume from the last complete epoch, if any
-    start = 0
-    ck = latest_checkpoint(out_dir)
-    if ck is not None:
-        state = load_state(ck)
-        diff = [k for k in key if state["run"].get(k) != key[k]]
-        if diff:
-            k = diff[0]
-            raise ValueError(f"{out_dir}: holds a checkpoint of another run ({k}: {state['run'].get(k)!r} there, "
-                             f"{key[k]!r} now); use a new output directory or delete {ck.parent}")
-        load_weights_into(prm_model, ck / "prm")
-        opt.load_state_dict(state["optimizer"])
-        start = state["epoch"]
-    log_path = out_dir / METRICS_FILE
-    history = _read_metrics(log_path, start)
-    log_path.write_text("".join(json.dumps(r) + "\n" for r in history))
+    with RunLock(out_dir):  # one process per output directory
+        # ---- resume from the last complete epoch, if any
+        start = 0
+        found = find_checkpoint(out_dir, ("prm",), quarantine=True)
+        for line in found.problems:
+            print(f"prm train: {line}")
+        ck, state = found.path, found.state
+        if ck is not None:
+            diff = [k for k in key if state["run"].get(k) != key[k]]
+            if diff:
+                k = diff[0]
+                raise ValueError(f"{out_dir}: holds a checkpoint of another run ({k}: {state['run'].get(k)!r} there, "
+                                 f"{key[k]!r} now); use a new output directory or delete {ck.parent}")
+            load_weights_into(prm_model, ck / "prm")
+            opt.load_state_dict(state["optimizer"])
+            start = state["epoch"]
+        log_path = out_dir / METRICS_FILE
+        history = _read_metrics(log_path, start)
+        log_path.write_text("".join(json.dumps(r) + "\n" for r in history))
 
-    def log(row: dict) -> None:
-        history.append(row)
-        with log_path.open("a") as f:
-            f.write(json.dumps(row) + "\n")
+        def log(row: dict) -> None:
+            history.append(row)
+            with log_path.open("a") as f:
+                f.write(json.dumps(row) + "\n")
 
-    def fit(prefix: str) -> dict[str, float]:
-        m = evaluate_prm(prm_model, ref_model, tokenizer, rows, beta=beta, batch_size=batch_size,
-                         segmenter=segmenter)
-        return {f"{prefix}/{k}": v for k, v in m.items()}
+        def fit(prefix: str) -> dict[str, float]:
+            m = evaluate_prm(prm_model, ref_model, tokenizer, rows, beta=beta, batch_size=batch_size,
+                             segmenter=segmenter)
+            return {f"{prefix}/{k}": v for k, v in m.items()}
 
-    if not history or history[-1]["epoch"] != start:  # epoch 0, or a resumed run whose log was lost
-        log({"epoch": start, **fit("fit")})
-    ref_model.eval()
-    make_batches = (lambda rng: group_batches(train_gids, batch_size, rng)) if loss == "dpo" else \
-        (lambda rng: row_batches(len(train_rows), batch_size, rng))
-    n_steps = sum(len(make_batches(random.Random(f"prm/{seed}/{e}"))) for e in range(start + 1, epochs + 1))
-    done = 0
-    with Progress(f"PRM train ({loss})", total=n_steps, enabled=progress) as bar:
-        for epoch in range(start + 1, epochs + 1):
-            t0 = time.time()
-            prm_model.train()
-            sums: dict[str, float] = {}
-            batches = make_batches(random.Random(f"prm/{seed}/{epoch}"))
-            with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
-                torch.manual_seed(int(hashlib.sha1(f"prm/{seed}/{epoch}".encode()).hexdigest()[:8], 16))
-                for idx in batches:
-                    m = _train_step(signal, opt, tokenizer, [train_rows[i] for i in idx], loss=loss,
-                                    grad_clip=grad_clip, segmenter=segmenter)
-                    for k, v in m.items():
-                        sums[k] = sums.get(k, 0.0) + v
-                    done += 1
-                    bar.update(done, n_steps, f"epoch {epoch} loss {m['loss']:.4f}")
-            row = {"epoch": epoch, **{f"train/{k}": v / len(batches) for k, v in sums.items()},
-                   "train/steps": len(batches), "train/rows": len(train_rows), **fit("fit"),
-                   "seconds": time.time() - t0}
-            log(row)
-            save_checkpoint(out_dir, epoch, {"prm": (prm_model, tokenizer)},
-                            {"epoch": epoch, "optimizer": opt.state_dict(), "run": key}, keep=1)
-    prm_model.eval()
-    prm_model.save_pretrained(out_dir)
-    tokenizer.save_pretrained(out_dir)
-    info = {"beta": beta, "loss": loss, "segmenter": seg_name, "epochs": max(start, epochs), "lr": lr,
-            "batch_size": batch_size, "seed": seed}
-    (out_dir / INFO_FILE).write_text(json.dumps(info, indent=2) + "\n")
-    return dict(history[-1])
+        if not history or history[-1]["epoch"] != start:  # epoch 0, or a resumed run whose log was lost
+            log({"epoch": start, **fit("fit")})
+        ref_model.eval()
+        make_batches = (lambda rng: group_batches(train_gids, batch_size, rng)) if loss == "dpo" else \
+            (lambda rng: row_batches(len(train_rows), batch_size, rng))
+        n_steps = sum(len(make_batches(random.Random(f"prm/{seed}/{e}"))) for e in range(start + 1, epochs + 1))
+        done = 0
+        with Progress(f"PRM train ({loss})", total=n_steps, enabled=progress) as bar:
+            for epoch in range(start + 1, epochs + 1):
+                t0 = time.time()
+                prm_model.train()
+                sums: dict[str, float] = {}
+                batches = make_batches(random.Random(f"prm/{seed}/{epoch}"))
+                with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
+                    torch.manual_seed(int(hashlib.sha1(f"prm/{seed}/{epoch}".encode()).hexdigest()[:8], 16))
+                    for idx in batches:
+                        m = _train_step(signal, opt, tokenizer, [train_rows[i] for i in idx], loss=loss,
+                                        grad_clip=grad_clip, segmenter=segmenter)
+                        for k, v in m.items():
+                            sums[k] = sums.get(k, 0.0) + v
+                        done += 1
+                        bar.update(done, n_steps, f"epoch {epoch} loss {m['loss']:.4f}")
+                row = {"epoch": epoch, **{f"train/{k}": v / len(batches) for k, v in sums.items()},
+                       "train/steps": len(batches), "train/rows": len(train_rows), **fit("fit"),
+                       "seconds": time.time() - t0}
+                log(row)
+                save_checkpoint(out_dir, epoch, {"prm": (prm_model, tokenizer)},
+                                {"epoch": epoch, "optimizer": opt.state_dict(), "run": key}, keep=1)
+        prm_model.eval()
+        prm_model.save_pretrained(out_dir)
+        tokenizer.save_pretrained(out_dir)
+        info = {"beta": beta, "loss": loss, "segmenter": seg_name, "epochs": max(start, epochs), "lr": lr,
+                "batch_size": batch_size, "seed": seed}
+        (out_dir / INFO_FILE).write_text(json.dumps(info, indent=2) + "\n")
+        return dict(history[-1])
 
 
 def _train_step(signal: ImplicitPRM, opt, tokenizer, rows: Sequence[PRMRow], *, loss: str, grad_clip: float,
@@ -314,14 +322,10 @@ def _train_step(signal: ImplicitPRM, opt, tokenizer, rows: Sequence[PRMRow], *, 
         value, metrics = implicit_prm_dpo_loss(prm_lp, ref_lp, traj.response_mask, labels, traj.group_ids,
                                                beta=signal.beta)
     opt.zero_grad(set_to_none=True)
+    check_finite("prm train: loss", value)
     value.backward()
-    params = [p for p in signal.prm_model.parameters() if p.grad is not None]
-    if grad_clip > 0:
-        norm = torch.nn.utils.clip_grad_norm_(params, grad_clip)
-    else:
-        norm = torch.linalg.vector_norm(torch.stack([p.grad.norm() for p in params]))
-    opt.step()
-    return {"loss": float(value.detach()), "grad_norm": float(norm), **{k: float(v) for k, v in metrics.items()}}
+    norm = clip_and_step(signal.prm_model.parameters(), opt, grad_clip, "prm train: update")
+    return {"loss": float(value.detach()), "grad_norm": norm, **{k: float(v) for k, v in metrics.items()}}
 
 
 # ----------------------------------------------------------------------------- scoring

@@ -8,6 +8,7 @@ from finegrain.losses import AGGREGATIONS, KL_ESTIMATORS, POLICY_LOSSES
 from finegrain.losses.entropy import entropy_from_logits
 from finegrain.masked import masked_mean
 from finegrain.models.logprobs import logprobs_from_logits, response_logits
+from finegrain.train.guards import check_finite, clip_and_step
 from finegrain.trajectory import Trajectory
 
 
@@ -69,12 +70,12 @@ def policy_update(policy, optimizer, traj: Trajectory, advantages: torch.Tensor,
                     metrics["entropy"] = masked_mean(ent.detach(), mask)
                 share = _weight(mask, loss_cfg.aggregation) / mb_weight
                 loss = agg_fn(per_token, mask, **agg_kw) * share
+                check_finite("policy loss", loss)
                 loss.backward()
                 metrics["loss"] = loss.detach() / share.clamp(min=1e-12)
                 for k, v in metrics.items():
                     sums[k] = sums.get(k, 0.0) + float(v)
                 count += 1
-            gnorm = torch.nn.utils.clip_grad_norm_(policy.parameters(), grad_clip if grad_clip > 0 else float("inf"))
-            sums["grad_norm"] = sums.get("grad_norm", 0.0) + float(gnorm) * grad_accum
-            optimizer.step()
+            gnorm = clip_and_step(policy.parameters(), optimizer, grad_clip, "policy update")
+            sums["grad_norm"] = sums.get("grad_norm", 0.0) + gnorm * grad_accum
     return {k: v / count for k, v in sums.items()}

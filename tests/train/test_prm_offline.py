@@ -165,7 +165,7 @@ def test_dpo_without_pairs_and_bad_arguments_raise(tmp_path, model_dir, tok):
         train_prm(prm, ref, tok, rows, loss="kto", out_dir=tmp_path / "x", progress=False)
     with pytest.raises(ValueError, match="same object"):
         train_prm(prm, prm, tok, add_rows(), out_dir=tmp_path / "x", progress=False)
-    with pytest.raises(ValueError, match="beta: expected > 0"):
+    with pytest.raises(ValueError, match="beta: expected a finite number > 0"):
         train_prm(prm, ref, tok, rows, beta=0.0, out_dir=tmp_path / "x", progress=False)
     with pytest.raises(ValueError, match="missing field 'label'"):
         train_prm(prm, ref, tok, [PRMRow("Q: 1\n", "A: 1", None, "g", "d.jsonl:1")], out_dir=tmp_path / "x",
