@@ -6,7 +6,9 @@
                    [--search beam,early_reject] [--out DIR] [--seed 0]
 
 ``--model`` is a Hugging Face model directory (or Hub id), or a ``finegrain train`` run
-directory, which resolves to its latest checkpoint's ``policy`` directory. See docs/eval.md.
+directory, which resolves to its latest checkpoint's ``policy`` directory. ``--out`` must be a
+directory that exists or can be created, and writable; it is checked (and created) before any
+model is loaded. See docs/eval.md.
 """
 
 from __future__ import annotations
@@ -102,11 +104,11 @@ def resolve_model_dir(path: str, flag: str = "--model", sub: str = "policy") -> 
     """
     from finegrain.train.checkpoint import latest_checkpoint
 
+    from finegrain.models.load import check_model_path
+
     p = Path(path)
     if not p.exists():
-        if path.count("/") == 1 and not path.startswith((".", "/", "~")):
-            return path, None
-        raise FileNotFoundError(f"{flag}: '{path}' does not exist")
+        return check_model_path(flag, path), None  # a Hub id, or a one-line "no such directory"
     if (p / "config.json").is_file():
         return str(p), None
     if (p / "checkpoints" / "latest").is_file():
@@ -144,13 +146,9 @@ def _initial_model(run_dir: Path | None) -> str | None:
 
 def _load_model_only(path: str, flag: str, device):
     """A causal LM without its tokenizer (checkpointed PRMs are saved without one)."""
-    from transformers import AutoModelForCausalLM
+    from finegrain.models.load import load_causal_lm
 
-    try:
-        model = AutoModelForCausalLM.from_pretrained(path)
-    except (OSError, ValueError) as err:
-        raise FileNotFoundError(f"{flag}: cannot load a causal LM from '{path}' ({str(err).splitlines()[0]})") from None
-    return model.to(device).eval()
+    return load_causal_lm(path, "float32", str(device), where=flag).eval()
 
 
 def _fail(msg: str) -> None:
@@ -177,6 +175,7 @@ def _run(args: argparse.Namespace) -> dict:
     """Validate flags, resolve and load models, run the evaluation, print a summary."""
     import numpy as np
 
+    from finegrain.cli.outputs import check_output_dir
     from finegrain.eval.experiment import SearchSpec, run_eval
     from finegrain.eval.scorers import SCORERS, ScorerContext
     from finegrain.eval.search import SEARCHES
@@ -220,6 +219,7 @@ def _run(args: argparse.Namespace) -> dict:
     if methods and not args.search_scorer and not any(SCORERS.meta(n)["level"] == "step" for n in scorers):
         raise ValueError("--search: needs a step-level scorer in --scorers or --search-scorer "
                          "(implicit_prm, step_oracle)")
+    check_output_dir("--out", args.out)  # a report that cannot be written: fail before any work
 
     model_path, run_dir = resolve_model_dir(args.model)
     run_cfg = _run_config(run_dir)
@@ -261,12 +261,13 @@ def _run(args: argparse.Namespace) -> dict:
 
     if args.threads < 0:
         raise ValueError(f"--threads: expected >= 0, got {args.threads}")
+    check_output_dir("--out", args.out, create=True)  # every flag checked: create it before loading
     if args.quiet:
         from transformers.utils import logging as hf_logging
 
         hf_logging.disable_progress_bar()
     log(f"loading policy {model_path}")
-    model, tok = load_pretrained(model_path, device=args.device)
+    model, tok = load_pretrained(model_path, device=args.device, where="--model")
     device = resolve_device(args.device)
     _set_threads(args.threads, model, device, log)
     ctx = ScorerContext(beta=args.beta, rng=np.random.default_rng(args.seed))

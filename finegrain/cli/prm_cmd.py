@@ -6,6 +6,11 @@
     finegrain prm score --data FILE.jsonl --prm PATH [--ref PATH] --out FILE.jsonl [--beta B]
                         [--aggregate min|sum|mean|last] [--segmenter NAME] [--batch-size 8]
 
+Every path is checked before any model is loaded: ``--data`` must be a readable file, model
+paths must be model directories (or Hub ids), ``train --out`` a writable directory (existing or
+creatable) and ``score --out`` a writable file path (not a directory); the scores are written
+atomically (temporary file, then rename), so a failed run never leaves half a file.
+
 File formats and logged metrics: docs/prm_offline.md. ``add_parser(subparsers)`` adds the ``prm``
 command to the main parser; ``run(args)`` executes a parsed command; ``main(argv)`` does both on
 its own (``python -m finegrain.cli.prm_cmd train ...``).
@@ -15,9 +20,11 @@ from __future__ import annotations
 
 import argparse
 import json
-import re
 import sys
 from pathlib import Path
+
+from finegrain.cli.outputs import (atomic_write_text, atomic_writer, check_input_file, check_output_dir,
+                                  check_output_file)
 
 
 class _OneLineParser(argparse.ArgumentParser):
@@ -93,27 +100,32 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
     return p
 
 
+def _check_model_path(flag: str, path: str) -> Path:
+    """The cheap checks of a model argument, done before any model is loaded: ``path`` exists and
+    holds a config.json, or looks like a Hub id (owner/name). ValueError naming ``flag`` if not."""
+    from finegrain.models.load import check_model_path
+
+    try:
+        check_model_path(flag, path)
+    except FileNotFoundError as e:
+        raise ValueError(str(e)) from None
+    return Path(path).expanduser()
+
+
 def _load(flag: str, path: str, device: str, *, tokenizer: bool = True):
     """(model, tokenizer or None) from ``path``; any failure is a one-line ValueError naming ``flag``.
 
     A path that does not exist and does not look like a Hub id (owner/name) is reported as a
     missing directory without trying the network.
     """
-    from finegrain.models.load import load_pretrained, resolve_device
+    from finegrain.models.load import load_causal_lm, load_pretrained
 
-    p = Path(path).expanduser()
-    if not p.exists() and not re.fullmatch(r"[\w.-]+/[\w.-]+", path):
-        raise ValueError(f"{flag}: '{path}': no such directory (nor a Hub id owner/name)")
-    if p.is_dir() and not (p / "config.json").is_file():
-        raise ValueError(f"{flag}: '{path}' has no config.json (not a saved Hugging Face model directory)")
-    try:
+    p = _check_model_path(flag, path)
+    target = str(p) if p.exists() else path
+    try:  # trust_remote_code is False: a model directory's own code never runs
         if tokenizer:
-            return load_pretrained(str(p) if p.exists() else path, "float32", device)
-        import torch
-        from transformers import AutoModelForCausalLM
-
-        model = AutoModelForCausalLM.from_pretrained(str(p) if p.exists() else path, dtype=torch.float32)
-        return model.to(resolve_device(device)), None
+            return load_pretrained(target, "float32", device, where=flag)
+        return load_causal_lm(target, "float32", device, where=flag), None
     except (OSError, ValueError) as e:
         first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
         raise ValueError(f"{flag}: cannot load a model from '{path}': {first}") from None
@@ -130,14 +142,15 @@ def _train(args) -> None:
     from finegrain.rewards.prm_data import read_prm_jsonl
     from finegrain.train.prm_offline import INFO_FILE, train_prm
 
-    rows = read_prm_jsonl(args.data)
+    rows = read_prm_jsonl(check_input_file("--data", args.data))
+    ref_flag = "--ref" if args.ref else "--model"
+    _check_model_path("--model", args.model)                  # every path checked before any model loads
+    _check_model_path(ref_flag, args.ref or args.model)
+    out = check_output_dir("--out", args.out)
     prm, tok = _load("--model", args.model, args.device)
-    ref, _ = _load("--ref" if args.ref else "--model", args.ref or args.model, args.device, tokenizer=False)
+    ref, _ = _load(ref_flag, args.ref or args.model, args.device, tokenizer=False)
     _same_vocab(prm, ref, "--ref")
     ref.requires_grad_(False)
-    out = Path(args.out)
-    if out.exists() and not out.is_dir():
-        raise ValueError(f"--out: '{out}' exists and is not a directory")
     metrics = train_prm(prm, ref, tok, rows, loss=args.loss, beta=args.beta, lr=args.lr, epochs=args.epochs,
                         batch_size=args.batch_size, grad_clip=args.grad_clip, seed=args.seed, out_dir=out,
                         segmenter=args.segmenter, progress=not args.no_progress)
@@ -145,7 +158,7 @@ def _train(args) -> None:
     info = json.loads(info_path.read_text())
     ref_path = args.ref or args.model
     info["ref"] = str(Path(ref_path).resolve()) if Path(ref_path).exists() else ref_path
-    info_path.write_text(json.dumps(info, indent=2) + "\n")
+    atomic_write_text(info_path, json.dumps(info, indent=2) + "\n")
     keys = [k for k in ("fit/ce_loss", "fit/acc", "fit/pair_acc") if k in metrics]
     print(f"epoch {metrics['epoch']}: " + "  ".join(f"{k} {metrics[k]:.4f}" for k in keys))
     print(f"PRM saved to {out} (metrics: {out / 'prm_metrics.jsonl'})")
@@ -155,27 +168,29 @@ def _score(args) -> None:
     from finegrain.rewards.prm_data import read_prm_jsonl
     from finegrain.train.prm_offline import INFO_FILE, score_prm
 
-    rows = read_prm_jsonl(args.data, require_label=False)
+    rows = read_prm_jsonl(check_input_file("--data", args.data), require_label=False)
+    _check_model_path("--prm", args.prm)                      # every path checked before any model loads
     info_path = Path(args.prm) / INFO_FILE
-    info = json.loads(info_path.read_text()) if info_path.is_file() else {}
+    try:
+        info = json.loads(info_path.read_text(encoding="utf-8")) if info_path.is_file() else {}
+    except (OSError, ValueError) as e:
+        raise ValueError(f"--prm: cannot read '{info_path}': {str(e).splitlines()[0]}") from None
+    if not isinstance(info, dict):
+        raise ValueError(f"--prm: '{info_path}' is not a JSON object")
     ref_path = args.ref or info.get("ref")
     if ref_path is None:
         raise ValueError(f"--ref: required ({info_path} does not record the reference model)")
-    out = Path(args.out)
-    if out.is_dir():
-        raise ValueError(f"--out: '{out}' is a directory; expected a JSONL file path")
+    _check_model_path("--ref", ref_path)
+    out = check_output_file("--out", args.out)
     prm, tok = _load("--prm", args.prm, args.device)
     ref, _ = _load("--ref", ref_path, args.device, tokenizer=False)
     _same_vocab(prm, ref, "--ref")
     scores = score_prm(prm, ref, tok, rows, beta=args.beta or info.get("beta", 0.05),
                        segmenter=args.segmenter or info.get("segmenter", "newline"), aggregate=args.aggregate,
                        batch_size=args.batch_size, progress=not args.no_progress)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out.with_name(out.name + ".tmp")
-    with tmp.open("w", encoding="utf-8") as f:
+    with atomic_writer(out) as f:                              # a crash leaves the previous file intact
         for row, sc in zip(rows, scores):
             f.write(json.dumps({**row.to_json(), **sc}, ensure_ascii=False) + "\n")
-    tmp.replace(out)
     print(f"scored {len(rows)} responses -> {out}")
 
 
@@ -184,9 +199,10 @@ def run(args) -> None:
     'finegrain prm: error: ...' to stderr and exit with status 2."""
     try:
         (_train if args.prm_cmd == "train" else _score)(args)
-    except (ValueError, FileNotFoundError, KeyError) as e:
+    except (ValueError, OSError, KeyError) as e:
         msg = e.args[0] if isinstance(e, KeyError) and e.args else str(e)
-        print(f"finegrain prm: error: {str(msg).splitlines()[0]}", file=sys.stderr)
+        lines = str(msg).splitlines()
+        print(f"finegrain prm: error: {lines[0] if lines else type(e).__name__}", file=sys.stderr)
         raise SystemExit(2) from None
 
 

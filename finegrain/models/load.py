@@ -5,6 +5,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import re
 from pathlib import Path
 
 import torch
@@ -24,7 +25,65 @@ def resolve_device(name: str) -> torch.device:
     return torch.device(name)
 
 
-def load_tokenizer(path: str | Path):
+_HUB_ID = re.compile(r"[A-Za-z0-9][\w.-]*/[\w.-]+")
+
+
+def hub_offline() -> bool:
+    """HF_HUB_OFFLINE (or TRANSFORMERS_OFFLINE) is set to a true value."""
+    return any(os.environ.get(v, "").strip().lower() in ("1", "true", "yes", "on")
+               for v in ("HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE"))
+
+
+def check_model_path(where: str, path: str) -> str:
+    """``path`` as given if it is a model directory or a Hub id; a one-line error otherwise.
+
+    A value that looks like a local path — it starts with ``.``, ``/`` or ``~``, ends with a
+    separator, has more than one ``/``, or its first component is an existing directory (so
+    ``runs/x`` when ``runs/`` exists) — must exist: a typo is reported as a missing directory,
+    never sent to the Hub as an id. Only ``owner/name`` that is not such a path is a Hub id.
+    """
+    p = Path(path).expanduser()
+    if p.exists():
+        if not p.is_dir():
+            raise FileNotFoundError(f"{where}: '{path}' is not a directory (expected a saved Hugging Face model directory)")
+        if not (p / "config.json").is_file():
+            raise FileNotFoundError(f"{where}: '{path}' has no config.json (not a saved Hugging Face model directory)")
+        return path
+    parts = Path(path).parts
+    looks_local = (path.startswith((".", "/", "~")) or path.endswith(("/", os.sep)) or path.count("/") > 1
+                   or (len(parts) > 1 and Path(parts[0]).is_dir()) or not _HUB_ID.fullmatch(path))
+    if looks_local:
+        hint = "" if "/" in path else " (a Hub id is owner/name)"
+        if len(parts) > 1 and Path(parts[0]).is_dir():
+            hint = f" ('{parts[0]}/' is a local directory, so this is read as a local path)"
+        raise FileNotFoundError(f"{where}: '{path}': no such directory{hint}")
+    return path
+
+
+def _offline_kwargs() -> dict:
+    return {"local_files_only": True} if hub_offline() else {}
+
+
+def load_causal_lm(path: str, dtype: str = "float32", device: str = "auto", *, trust_remote_code: bool = False,
+                   where: str = "model.path"):
+    """``AutoModelForCausalLM.from_pretrained`` with the safety rules every loader shares.
+
+    ``trust_remote_code`` is passed explicitly (False unless the user sets it), so a directory
+    with ``auto_map`` code is refused with an error instead of transformers' interactive
+    "run custom code?" prompt; weights load from safetensors when the directory has them;
+    ``HF_HUB_OFFLINE`` makes Hub ids resolve from the local cache only.
+    """
+    check_model_path(where, path)
+    try:
+        model = AutoModelForCausalLM.from_pretrained(path, dtype=DTYPES[dtype], trust_remote_code=trust_remote_code,
+                                                     **_offline_kwargs())
+    except (OSError, ValueError, KeyError) as e:
+        first = (str(e).strip().splitlines() or [type(e).__name__])[0][:300]
+        raise ValueError(f"{where}: cannot load a causal LM from '{path}': {first}") from None
+    return model.to(resolve_device(device))
+
+
+def load_tokenizer(path: str | Path, *, trust_remote_code: bool = False):
     """The tokenizer saved at ``path`` (a directory or Hub id).
 
     Tokenizers we build ourselves (``finegrain.models.tokenizer``) are saved as a plain
@@ -34,22 +93,26 @@ def load_tokenizer(path: str | Path):
     """
     cfg = Path(path) / "tokenizer_config.json"
     if cfg.exists() and json.loads(cfg.read_text()).get("tokenizer_class") in ("TokenizersBackend", "PreTrainedTokenizerFast"):
-        return PreTrainedTokenizerFast.from_pretrained(path)
-    return AutoTokenizer.from_pretrained(path)
+        return PreTrainedTokenizerFast.from_pretrained(path, **_offline_kwargs())
+    return AutoTokenizer.from_pretrained(path, trust_remote_code=trust_remote_code, **_offline_kwargs())
 
 
-def load_pretrained(path: str, dtype: str = "float32", device: str = "auto"):
+def load_pretrained(path: str, dtype: str = "float32", device: str = "auto", *, trust_remote_code: bool = False,
+                    where: str = "model.path"):
     """Any AutoModelForCausalLM from a local directory or the Hub, with its tokenizer.
 
-    A tokenizer without a pad token gets its EOS as pad (the rollout engine needs one).
+    A tokenizer without a pad token gets its EOS as pad (the rollout engine needs one). Safety
+    rules as ``load_causal_lm``; errors are one line naming ``where``.
     """
-    if not (Path(path).exists() or "/" in path):
-        raise FileNotFoundError(f"model.path: '{path}' is neither a directory nor a Hub id (owner/name)")
-    tok = load_tokenizer(path)
+    check_model_path(where, path)
+    try:
+        tok = load_tokenizer(path, trust_remote_code=trust_remote_code)
+    except (OSError, ValueError, KeyError) as e:
+        first = (str(e).strip().splitlines() or [type(e).__name__])[0][:300]
+        raise ValueError(f"{where}: cannot load a tokenizer from '{path}': {first}") from None
     if tok.pad_token_id is None:
         tok.pad_token = tok.eos_token
-    model = AutoModelForCausalLM.from_pretrained(path, dtype=DTYPES[dtype]).to(resolve_device(device))
-    return model, tok
+    return load_causal_lm(path, dtype, device, trust_remote_code=trust_remote_code, where=where), tok
 
 
 def sft_cache_key(payload: dict) -> str:
@@ -70,7 +133,7 @@ def warm_started_tiny(task, task_kwargs: dict, model_cfg, sft_cfg, log=print):
     device = resolve_device(model_cfg.device)
     if (cache / "done.json").exists():
         tok = load_tokenizer(cache)
-        model = AutoModelForCausalLM.from_pretrained(cache, dtype=DTYPES[model_cfg.dtype]).to(device)
+        model = load_causal_lm(str(cache), model_cfg.dtype, model_cfg.device, where="sft cache")
         info = json.loads((cache / "done.json").read_text())
         log(f"loaded warm-started model from cache {cache}")
         return model, tok, {**info, "cached": True, "path": str(cache)}

@@ -8,6 +8,7 @@ from pathlib import Path
 
 import pytest
 
+from finegrain.cli import prm_cmd
 from finegrain.cli.prm_cmd import main
 from finegrain.models.tiny import tiny_causal_lm
 from finegrain.models.tokenizer import char_tokenizer
@@ -105,4 +106,118 @@ def test_module_entry_point_reports_missing_file(tmp_path):
                         "--prm", "p", "--ref", "r", "--out", str(tmp_path / "s.jsonl")],
                        capture_output=True, text=True, env=env, cwd=tmp_path, timeout=120)
     assert p.returncode == 2
-    assert p.stderr.strip().splitlines() == [f"finegrain prm: error: {tmp_path / 'x.jsonl'}: no such file"]
+    assert p.stderr.strip().splitlines() == [f"finegrain prm: error: --data: '{tmp_path / 'x.jsonl'}': no such file"]
+
+
+# ------------------------------------------------------------------ paths checked before the work
+
+
+class Loaded(Exception):
+    """Raised by the spy loader: the command got as far as loading a model."""
+
+
+@pytest.fixture
+def loads(monkeypatch):
+    """Replace the command's model loader (prm_cmd._load) with a spy that records and stops."""
+    calls = []
+
+    def spy(flag, path, device, **kw):
+        calls.append((flag, path))
+        raise Loaded(flag)
+    monkeypatch.setattr(prm_cmd, "_load", spy)
+    return calls
+
+
+def only_error_line(capsys, argv):
+    """Exit status 2 and exactly one non-empty stderr line, returned."""
+    with pytest.raises(SystemExit) as e:
+        main(argv)
+    assert e.value.code == 2
+    lines = [ln for ln in capsys.readouterr().err.splitlines() if ln.strip()]
+    assert len(lines) == 1, lines
+    return lines[0]
+
+
+def test_spy_sees_the_loader_when_the_paths_are_good(tmp_path, model_dir, loads):
+    # control for the tests below: with good paths the spy is reached, so "never called" means something
+    with pytest.raises(Loaded):
+        main(["score", "--data", str(SAMPLE), "--prm", str(model_dir), "--ref", str(model_dir),
+              "--out", str(tmp_path / "new" / "s.jsonl"), "--no-progress"])
+    with pytest.raises(Loaded):
+        main(["train", "--data", str(SAMPLE), "--model", str(model_dir), "--out", str(tmp_path / "new" / "prm"),
+              "--no-progress"])
+    assert loads == [("--prm", str(model_dir)), ("--model", str(model_dir))]
+    assert not (tmp_path / "new").exists()                       # checked, not created, before the work
+
+
+def bad_outputs(tmp_path):
+    """(command, --out, what the error says after the quoted path) that no process can write, root included."""
+    f = tmp_path / "file.txt"
+    f.write_text("keep")
+    d = tmp_path / "existing_dir"
+    d.mkdir()
+    under_file = f": cannot be created, '{f}' is not a directory"
+    return [("score", d, " is a directory; expected a file path"),
+            ("score", f / "s.jsonl", under_file),
+            ("score", f / "sub" / "s.jsonl", under_file),
+            ("train", f, " exists and is not a directory"),
+            ("train", f / "out", under_file)]
+
+
+def test_bad_out_fails_in_one_line_before_any_model_loads(tmp_path, model_dir, loads, capsys):
+    for cmd, out, problem in bad_outputs(tmp_path):
+        model = ["--prm", str(model_dir), "--ref", str(model_dir)] if cmd == "score" else ["--model", str(model_dir)]
+        line = only_error_line(capsys, [cmd, "--data", str(SAMPLE), *model, "--out", str(out), "--no-progress"])
+        assert line == f"finegrain prm: error: --out: '{out}'{problem}", (cmd, line)
+    assert loads == []
+    assert (tmp_path / "file.txt").read_text() == "keep"
+
+
+def test_bad_inputs_fail_before_any_model_loads(tmp_path, model_dir, loads, capsys):
+    out = ["--out", str(tmp_path / "s.jsonl")]
+    line = only_error_line(capsys, ["score", "--data", str(tmp_path), "--prm", str(model_dir), *out])
+    assert line == f"finegrain prm: error: --data: '{tmp_path}' is a directory; expected a file"
+    # the reference is checked before the PRM is loaded, both when given and when recorded at training
+    line = only_error_line(capsys, ["score", "--data", str(SAMPLE), "--prm", str(model_dir),
+                                    "--ref", str(tmp_path / "noref"), *out])
+    assert line.startswith(f"finegrain prm: error: --ref: '{tmp_path / 'noref'}': no such directory")
+    prm = tmp_path / "prm"
+    prm.mkdir()
+    (prm / "config.json").write_text("{}")
+    (prm / "finegrain_prm.json").write_text(json.dumps({"ref": str(tmp_path / "gone")}))
+    line = only_error_line(capsys, ["score", "--data", str(SAMPLE), "--prm", str(prm), *out])
+    assert line.startswith(f"finegrain prm: error: --ref: '{tmp_path / 'gone'}': no such directory")
+    (prm / "finegrain_prm.json").write_text("{not json")
+    line = only_error_line(capsys, ["score", "--data", str(SAMPLE), "--prm", str(prm), *out])
+    assert line.startswith(f"finegrain prm: error: --prm: cannot read '{prm / 'finegrain_prm.json'}'")
+    line = only_error_line(capsys, ["score", "--data", str(SAMPLE), "--prm", str(SAMPLE), "--ref", str(model_dir),
+                                    *out])
+    assert line.startswith(f"finegrain prm: error: --prm: '{SAMPLE}' is not a directory")
+    line = only_error_line(capsys, ["train", "--data", str(SAMPLE), "--model", str(model_dir),
+                                    "--ref", str(tmp_path / "noref"), "--out", str(tmp_path / "o")])
+    assert line.startswith(f"finegrain prm: error: --ref: '{tmp_path / 'noref'}': no such directory")
+    assert loads == [] and not (tmp_path / "s.jsonl").exists() and not (tmp_path / "o").exists()
+
+
+def test_score_crash_mid_write_keeps_the_previous_output(tmp_path, model_dir, monkeypatch):
+    from finegrain.rewards.prm_data import PRMRow
+
+    out = tmp_path / "s.jsonl"
+    argv = ["score", "--data", str(SAMPLE), "--prm", str(model_dir), "--ref", str(model_dir), "--out", str(out),
+            "--no-progress"]
+    main(argv)
+    good = out.read_text()
+    assert len(good.splitlines()) == 40
+    real, seen = PRMRow.to_json, []
+
+    def dies_on_the_third_row(self):
+        seen.append(1)
+        if len(seen) == 3:
+            raise RuntimeError("killed mid-write")
+        return real(self)
+    monkeypatch.setattr(PRMRow, "to_json", dies_on_the_third_row)
+    with pytest.raises(RuntimeError, match="killed mid-write"):
+        main(argv)
+    assert len(seen) == 3                                         # two rows were written, then the crash
+    assert out.read_text() == good
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["s.jsonl"]  # no temporary file left behind

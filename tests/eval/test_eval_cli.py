@@ -140,3 +140,74 @@ def test_eval_gsm8k_with_bpe_qwen2(tmp_path):
     assert page.count('class="solution verified-') == 4
     recs = [json.loads(line) for line in (out / "samples.jsonl").read_text().splitlines()]
     assert all(r["step_labels"] is not None and len(r["step_labels"]) == len(r["step_spans"]) for r in recs)
+
+
+# ------------------------------------------------------------ --out checked before any work
+
+
+class Loaded(Exception):
+    """Raised by the spy loaders: the command got as far as loading a model."""
+
+
+@pytest.fixture
+def loads(monkeypatch):
+    """Spy on every way ``finegrain eval`` loads a model or runs the evaluation: record, then stop."""
+    import finegrain.eval.experiment
+    import finegrain.models.load
+
+    calls = []
+
+    def spy(name):
+        def f(*args, **kwargs):
+            calls.append((name, args[0] if args else None))
+            raise Loaded(name)
+        return f
+    monkeypatch.setattr(finegrain.models.load, "load_pretrained", spy("load_pretrained"))
+    monkeypatch.setattr(eval_cmd, "_load_model_only", spy("_load_model_only"))
+    monkeypatch.setattr(finegrain.eval.experiment, "run_eval", spy("run_eval"))
+    return calls
+
+
+def test_good_out_is_created_before_the_model_loads(arith_models, tmp_path, loads, monkeypatch):
+    # control: the spy is on the loader the command really uses, and --out exists by then
+    import finegrain.models.load
+
+    out = tmp_path / "a" / "b" / "report"
+    seen = []
+
+    def spy(path, **kw):
+        seen.append((path, out.is_dir()))
+        raise Loaded(path)
+    monkeypatch.setattr(finegrain.models.load, "load_pretrained", spy)
+    with pytest.raises(Loaded):
+        run_cli(["--model", arith_models[0], "--n-problems", "1", "--samples", "1", "--out", str(out), "--quiet"])
+    assert seen == [(arith_models[0], True)]
+
+
+def bad_outs(tmp_path):
+    """(--out, what the error says after the quoted path) that no process can write, root included."""
+    f = tmp_path / "file.txt"
+    f.write_text("keep")
+    under_file = f": cannot be created, '{f}' is not a directory"
+    return [(f, " exists and is not a directory"), (f / "out", under_file), (f / "a" / "b", under_file)]
+
+
+def test_bad_out_fails_in_one_line_before_any_work(arith_models, tmp_path, capsys, loads):
+    policy, ref = arith_models
+    for out, problem in bad_outs(tmp_path):
+        with pytest.raises(SystemExit) as exc:
+            run_cli(["--model", policy, "--n-problems", "1", "--samples", "1", "--scorers", "oracle,implicit_prm",
+                     "--prm-ref", ref, "--out", str(out), "--quiet"])
+        assert exc.value.code == 2
+        lines = [ln for ln in capsys.readouterr().err.splitlines() if ln.strip()]
+        assert lines == [f"finegrain eval: error: --out: '{out}'{problem}"]
+    assert loads == []
+    assert (tmp_path / "file.txt").read_text() == "keep"
+
+
+def test_out_is_not_created_when_another_flag_is_bad(arith_models, tmp_path, capsys, loads):
+    out = tmp_path / "new"
+    with pytest.raises(SystemExit):
+        run_cli(["--model", arith_models[0], "--scorers", "implicit_prm", "--out", str(out), "--quiet"])  # no ref
+    assert "--prm-ref" in capsys.readouterr().err
+    assert not out.exists() and loads == []
