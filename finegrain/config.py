@@ -273,7 +273,12 @@ def parse_override(text: str) -> tuple[list[str], Any]:
     if "=" not in text:
         raise ValueError(f"override '{text}': expected key=value, e.g. train.steps=50")
     key, raw = text.split("=", 1)
-    return key.strip().split("."), yaml.safe_load(raw) if raw.strip() else ""
+    try:
+        return key.strip().split("."), yaml.safe_load(raw) if raw.strip() else ""
+    except yaml.YAMLError as e:
+        problem = getattr(e, "problem", None) or str(e).splitlines()[0]
+        raise ValueError(f"{key.strip()}: the value {raw!r} is not valid YAML ({problem}); quote the whole "
+                         f"key=value for the shell") from None
 
 
 def apply_overrides(data: dict, overrides: list[str]) -> dict:

@@ -50,8 +50,10 @@ def _fail(msg: str) -> None:
 
 
 def main(argv: list[str] | None = None) -> None:
-    ap = argparse.ArgumentParser(prog="finegrain", description="RL for language models with fine-grained rewards")
-    sub = ap.add_subparsers(dest="cmd", required=True)
+    from finegrain.cli.prm_cmd import _OneLineParser
+
+    ap = _OneLineParser(prog="finegrain", description="RL for language models with fine-grained rewards")
+    sub = ap.add_subparsers(dest="cmd", required=True, parser_class=_OneLineParser)
     d = sub.add_parser("demo", help="train a tiny model on the synthetic arithmetic task on CPU, before/after table")
     d.add_argument("--method", default="grpo", help="grpo | rloo | prime | step_oracle")
     d.add_argument("--out", default=None, help="run directory (default runs/demo-<method>)")
@@ -71,6 +73,8 @@ def main(argv: list[str] | None = None) -> None:
     prm_cmd.add_parser(sub)
     eval_cmd.add_parser(sub)
     args = ap.parse_args(argv)
+    if getattr(args, "config", None) and "=" in args.config and not Path(args.config).exists():
+        args.overrides, args.config = [args.config, *args.overrides], None  # `finegrain config key=value`
     if args.cmd == "prm":
         prm_cmd.run(args)
         return
@@ -115,9 +119,11 @@ def main(argv: list[str] | None = None) -> None:
     from finegrain.train.loop import train
 
     hf_logging.disable_progress_bar()  # per-file "Loading weights" bars drown the run's own progress
+    from finegrain.train.lock import RunLocked
+
     try:
         report = train(cfg)
-    except (ValueError, FileNotFoundError) as e:
+    except (ValueError, FileNotFoundError, ImportError, RunLocked) as e:
         _fail(str(e))
     _print_report(report, Path(cfg.train.out_dir))
 

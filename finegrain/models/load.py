@@ -60,6 +60,14 @@ def check_model_path(where: str, path: str) -> str:
     return path
 
 
+def _reason(err: Exception) -> str:
+    """One line for a transformers loading error; custom code gets finegrain's own words."""
+    text = str(err)
+    if "trust_remote_code" in text or "custom code" in text:
+        return "it needs its own Python code (auto_map), which finegrain runs only with model.trust_remote_code=true"
+    return (text.strip().splitlines() or [type(err).__name__])[0][:300]
+
+
 def _offline_kwargs() -> dict:
     return {"local_files_only": True} if hub_offline() else {}
 
@@ -78,8 +86,7 @@ def load_causal_lm(path: str, dtype: str = "float32", device: str = "auto", *, t
         model = AutoModelForCausalLM.from_pretrained(path, dtype=DTYPES[dtype], trust_remote_code=trust_remote_code,
                                                      **_offline_kwargs())
     except (OSError, ValueError, KeyError) as e:
-        first = (str(e).strip().splitlines() or [type(e).__name__])[0][:300]
-        raise ValueError(f"{where}: cannot load a causal LM from '{path}': {first}") from None
+        raise ValueError(f"{where}: cannot load a causal LM from '{path}': {_reason(e)}") from None
     return model.to(resolve_device(device))
 
 
@@ -108,8 +115,7 @@ def load_pretrained(path: str, dtype: str = "float32", device: str = "auto", *, 
     try:
         tok = load_tokenizer(path, trust_remote_code=trust_remote_code)
     except (OSError, ValueError, KeyError) as e:
-        first = (str(e).strip().splitlines() or [type(e).__name__])[0][:300]
-        raise ValueError(f"{where}: cannot load a tokenizer from '{path}': {first}") from None
+        raise ValueError(f"{where}: cannot load a tokenizer from '{path}': {_reason(e)}") from None
     if tok.pad_token_id is None:
         tok.pad_token = tok.eos_token
     return load_causal_lm(path, dtype, device, trust_remote_code=trust_remote_code, where=where), tok

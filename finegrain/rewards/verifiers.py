@@ -22,8 +22,8 @@ class TaskVerifier:
         self.task, self.correct, self.wrong = task, correct, wrong
 
     @classmethod
-    def from_context(cls, ctx, **kwargs):
-        return cls(ctx.task, **kwargs)
+    def from_context(cls, ctx, *, correct: float = 1.0, wrong: float = 0.0):
+        return cls(ctx.task, correct=correct, wrong=wrong)
 
     def __call__(self, traj) -> RewardOutput:
         acc = torch.tensor([self.task.verify(ex, text) for ex, text in zip(traj.examples, traj.response_texts)],

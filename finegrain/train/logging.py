@@ -103,6 +103,16 @@ def wandb_settings(cfg, out_dir: Path) -> dict | None:
             "name": Path(out_dir).name, "config": to_dict(cfg)}
 
 
+def require_wandb(cfg) -> None:
+    """Fail before any work when W&B logging is configured but wandb is not installed."""
+    if cfg.train.wandb_project:
+        try:
+            import wandb  # noqa: F401
+        except ImportError:
+            raise ImportError("train.wandb_project is set but wandb is not installed: "
+                              "pip install 'finegrain[wandb]'") from None
+
+
 def _wandb_run(settings: dict, resume_step: int | None):
     """Start (or, on resume, continue) the W&B run of a run directory.
 
@@ -110,14 +120,13 @@ def _wandb_run(settings: dict, resume_step: int | None):
     W&B run; W&B ignores steps at or below the last one it has, so a resumed run's replayed steps
     are not duplicated there either. ``WANDB_MODE`` in the environment wins over the config.
     """
-    try:
-        import wandb
-    except ImportError:
-        raise ImportError("train.wandb_project is set but wandb is not installed: pip install 'finegrain[wandb]'") from None
     import os
 
+    import wandb
+    import uuid
+
     id_file = Path(settings["dir"]) / "wandb_run_id"
-    run_id = id_file.read_text().strip() if id_file.is_file() and resume_step is not None else wandb.util.generate_id()
+    run_id = id_file.read_text().strip() if id_file.is_file() and resume_step is not None else uuid.uuid4().hex[:12]
     id_file.write_text(run_id)
     return wandb.init(project=settings["project"], name=settings["name"], dir=settings["dir"], id=run_id,
                       resume="allow", config=settings["config"], mode=os.environ.get("WANDB_MODE", settings["mode"]))

@@ -36,7 +36,7 @@ from finegrain.train import rundir
 from finegrain.train.checkpoint import load_weights_into, save_checkpoint
 from finegrain.train.guards import check_finite
 from finegrain.train.lock import RunLock
-from finegrain.train.logging import RunLogger, prefixed, read_log, wandb_settings
+from finegrain.train.logging import RunLogger, prefixed, read_log, require_wandb, wandb_settings
 from finegrain.train.progress import Progress
 from finegrain.train.update import batch_logprobs, policy_update
 from finegrain.trajectory import concat
@@ -187,6 +187,7 @@ def train(cfg: RunConfig, *, stop_after: int | None = None, log: Callable[[str],
 
 def _train(cfg: RunConfig, out: Path, stop_after: int | None, log: Callable[[str], None]) -> dict:
     t_start = time.time()
+    require_wandb(cfg)
     resume = rundir.prepare(cfg, out, log)  # refusals happen here, before any model is loaded
     if resume.finished is not None:
         return resume.finished
