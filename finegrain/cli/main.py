@@ -44,6 +44,30 @@ def _print_report(report: dict, out: Path) -> None:
           f"wall time {report['wall_seconds']:.0f}s   run directory: {out}")
 
 
+def _register_reward_function(spec: str) -> None:
+    """``--reward-function pkg.module:fn``: import it and register it in REWARDS.
+
+    The import is the user's explicit request on the command line (like running their script);
+    config files never name code to import.
+    """
+    import importlib
+
+    from finegrain.rewards import register_reward_function
+
+    module, sep, attr = spec.partition(":")
+    if not sep or not module or not attr:
+        raise ValueError(f"--reward-function: expected MODULE:FUNCTION (e.g. my_rewards:reward_len), got '{spec}'")
+    if str(Path.cwd()) not in sys.path:
+        sys.path.insert(0, str(Path.cwd()))  # a module beside the config, as `python -m` would find it
+    try:
+        fn = getattr(importlib.import_module(module), attr)
+    except ImportError as e:
+        raise ValueError(f"--reward-function: cannot import module '{module}' ({e})") from None
+    except AttributeError:
+        raise ValueError(f"--reward-function: module '{module}' has no '{attr}'") from None
+    register_reward_function(fn, attr)
+
+
 def _fail(msg: str) -> None:
     print(f"finegrain: error: {msg}", file=sys.stderr)
     raise SystemExit(2)
@@ -62,6 +86,9 @@ def main(argv: list[str] | None = None) -> None:
     t.add_argument("config", nargs="?", help="YAML RunConfig")
     t.add_argument("overrides", nargs="*", help="key=value overrides, e.g. train.steps=50")
     t.add_argument("--help-config", action="store_true", help="list every config key with its default and help")
+    t.add_argument("--reward-function", action="append", default=[], metavar="MODULE:FUNCTION",
+                   help="import a TRL-style reward function and register it under its name, so the config's "
+                        "rewards can use it (repeatable; see docs/reward_functions.md)")
     c = sub.add_parser("config", help="print the resolved config as YAML")
     c.add_argument("config", nargs="?")
     c.add_argument("overrides", nargs="*")
@@ -83,6 +110,8 @@ def main(argv: list[str] | None = None) -> None:
         return
 
     try:
+        for spec in getattr(args, "reward_function", []):
+            _register_reward_function(spec)
         if args.cmd == "train" and args.help_config:
             print("\n".join(describe()))
             return

@@ -1,5 +1,6 @@
 """TRL-style reward functions as outcome signals: inputs, values and masks, refusals, a short run."""
 
+import sys
 import numpy as np
 import pytest
 import torch
@@ -218,3 +219,22 @@ def test_registered_function_trains_as_a_weighted_second_reward(tmp_path, sft_ca
         # the function returns each response's token count, so its mean is the logged response length
         assert r["reward/n_tokens/mean"] == pytest.approx(r["rollout/response_len"], rel=1e-6)
         assert 1 <= r["reward/n_tokens/mean"] <= 24 and r["reward/n_tokens/applicable"] == 1.0
+
+
+def test_cli_reward_function_flag_imports_and_registers(tmp_path, monkeypatch, capsys):
+    """`finegrain train CONFIG --reward-function module:fn` registers fn before the config is
+    validated, so the config may name it; a bad spec is one line."""
+    from finegrain.cli.main import main
+
+    (tmp_path / "my_rewards_cli.py").write_text("def reward_len(completions, **kwargs):\n"
+                                                "    return [-abs(20 - len(c)) for c in completions]\n")
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setattr(sys, "path", list(sys.path))
+    main(["train", "--help-config", "--reward-function", "my_rewards_cli:reward_len"])
+    assert "reward_len" in REWARDS and REWARDS.meta("reward_len")["level"] == "outcome"
+    capsys.readouterr()
+    with pytest.raises(SystemExit) as e:
+        main(["train", "--help-config", "--reward-function", "my_rewards_cli"])
+    err = capsys.readouterr().err
+    assert e.value.code == 2 and err == ("finegrain: error: --reward-function: expected MODULE:FUNCTION "
+                                         "(e.g. my_rewards:reward_len), got 'my_rewards_cli'\n")
