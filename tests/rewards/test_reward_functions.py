@@ -1,6 +1,7 @@
 """TRL-style reward functions as outcome signals: inputs, values and masks, refusals, a short run."""
 
 import sys
+
 import numpy as np
 import pytest
 import torch
