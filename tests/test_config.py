@@ -98,3 +98,24 @@ def test_per_source_needs_an_entry_for_the_kl_penalty_source():
         validate(cfg)
     cfg.advantage.per_source["kl_penalty"] = {"name": "prime_rloo", "kwargs": {"reward_at": "token"}}
     validate(cfg)
+
+
+@pytest.mark.parametrize("text", ["", "\n\n", "# only a comment\n", "{}\n"])
+def test_empty_config_file_is_refused_not_a_default_run(tmp_path, capsys, text):
+    empty = tmp_path / "empty.yaml"
+    empty.write_text(text)
+    with pytest.raises(ValueError, match=r"empty.yaml: empty; start from a file in configs/"):
+        load_config(empty)
+    with pytest.raises(SystemExit) as e:
+        main(["train", str(empty)])
+    err = capsys.readouterr().err
+    assert e.value.code == 2 and err.count("\n") == 1 and "empty; start from" in err
+    assert not (tmp_path / "runs").exists()
+
+
+@pytest.mark.parametrize("text,match", [("- a\n- b\n", "expected a mapping of sections"), ("3\n", "expected a mapping")])
+def test_config_file_that_is_not_a_mapping_is_refused(tmp_path, text, match):
+    bad = tmp_path / "list.yaml"
+    bad.write_text(text)
+    with pytest.raises(ValueError, match=match):
+        load_config(bad)

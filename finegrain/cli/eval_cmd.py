@@ -194,8 +194,12 @@ def _run(args: argparse.Namespace) -> dict:
             raise ValueError(f"{flag}: expected >= 1, got {value}")
     if args.split not in ("train", "test"):
         raise ValueError(f"--split: expected 'train' or 'test', got '{args.split}'")
-    if args.temperature < 0:
-        raise ValueError(f"--temperature: expected >= 0, got {args.temperature}")
+    from finegrain.ranges import check_range
+
+    for flag, value, spec in (("--temperature", args.temperature, "[0, 100]"), ("--top-p", args.top_p, "(0, 1]"),
+                              ("--top-k", args.top_k, "[0, inf)"), ("--beta", args.beta, "(0, inf)"),
+                              ("--seed", args.seed, "[0, inf)")):
+        check_range(flag, value, spec)
     if args.html_problems < 0 or args.max_step_tokens < 0:
         raise ValueError("--html-problems / --max-step-tokens: expected >= 0")
     scorers = _csv(args.scorers)

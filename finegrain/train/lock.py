@@ -31,8 +31,9 @@ class RunLocked(RuntimeError):
 
 
 class RunLock:
-    def __init__(self, directory: str | os.PathLike):
-        self.directory = Path(directory)
+    def __init__(self, directory: str | os.PathLike, *, wait: bool = False):
+        """``wait``: block until the holder is done instead of refusing (for shared caches)."""
+        self.directory, self.wait = Path(directory), wait
         self.path = self.directory / LOCK_FILE
         self._fd: int | None = None
 
@@ -40,7 +41,7 @@ class RunLock:
         self.directory.mkdir(parents=True, exist_ok=True)
         fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
         try:
-            _lock(fd)
+            _lock(fd, blocking=self.wait)
         except BlockingIOError:
             holder = _read_holder(fd)
             os.close(fd)
@@ -76,13 +77,13 @@ def _read_holder(fd: int) -> str:
 try:
     import fcntl
 
-    def _lock(fd: int) -> None:
-        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    def _lock(fd: int, blocking: bool = False) -> None:
+        fcntl.flock(fd, fcntl.LOCK_EX | (0 if blocking else fcntl.LOCK_NB))
 except ImportError:  # Windows: msvcrt byte-range lock, also dropped when the process exits
     import msvcrt
 
-    def _lock(fd: int) -> None:
+    def _lock(fd: int, blocking: bool = False) -> None:
         try:
-            msvcrt.locking(fd, msvcrt.LK_NBLCK, 1)
+            msvcrt.locking(fd, msvcrt.LK_LOCK if blocking else msvcrt.LK_NBLCK, 1)
         except OSError:
             raise BlockingIOError from None

@@ -111,6 +111,11 @@ def test_run_directory_resolves_latest_policy_and_initial_reference(arith_models
     (["--samples", "0"], "--samples"),
     (["--search", "beam", "--scorers", "oracle"], "--search"),
     (["--task", "chess"], "--task"),
+    (["--temperature", "nan"], "--temperature"),
+    (["--temperature", "inf"], "--temperature"),
+    (["--top-p", "0"], "--top-p"),
+    (["--beta", "-1"], "--beta"),
+    (["--top-k", "-2"], "--top-k"),
 ])
 def test_errors_are_one_line_naming_the_flag(arith_models, tmp_path, capsys, extra, flag):
     argv = ["--model", arith_models[0], "--n-problems", "1", "--samples", "1", "--out", str(tmp_path), "--quiet"]

@@ -352,3 +352,22 @@ def test_kill_during_checkpoint_save_then_resume_matches_uninterrupted(tmp_path,
     assert any("resumed from" in m and "step_000002" in m for m in msgs)
     assert losses(tmp_path / "killed" / "metrics.jsonl") == losses(tmp_path / "full" / "metrics.jsonl")
     assert not (root / ".tmp_step_000004").exists()
+
+
+def test_a_waiting_lock_blocks_until_the_holder_is_done(tmp_path):
+    """The SFT cache uses RunLock(wait=True): a second run waits for the first to build it."""
+    holder = subprocess.Popen([sys.executable, "-c", textwrap.dedent(f"""
+        import time
+        from finegrain.train.lock import RunLock
+        with RunLock({str(tmp_path)!r}):
+            print("locked", flush=True)
+            time.sleep(1.5)
+            open({str(tmp_path / 'built')!r}, "w").close()
+    """)], stdout=subprocess.PIPE, text=True, cwd=REPO)
+    try:
+        assert holder.stdout.readline().strip() == "locked"
+        with RunLock(tmp_path, wait=True):
+            assert (tmp_path / "built").exists()  # only after the holder finished
+    finally:
+        holder.kill()
+        holder.wait()
