@@ -50,11 +50,11 @@ def train_implicit_prm(policy, tok, task, *, n_problems: int, samples: int, epoc
 
     from finegrain.losses.prm import implicit_prm_ce_loss
     from finegrain.models.logprobs import response_logprobs
-    from finegrain.rollout.base import SamplingParams
-    from finegrain.rollout.hf import HFEngine
+    from finegrain.envs import hf_rollout
+    from finegrain.sampling import SamplingParams
 
     t0 = time.time()
-    engine = HFEngine(policy, tok, segmenter=task.segmenter, use_chat_template=False)
+    engine = hf_rollout(policy, tok, segmenter=task.segmenter, use_chat_template=False)
     traj = engine.generate(task.examples("train", n_problems), samples,
                            SamplingParams(temperature=1.0, max_new_tokens=max_new_tokens), seed)
     labels = torch.tensor([task.verify(ex, t) for ex, t in zip(traj.examples, traj.response_texts)])

@@ -41,11 +41,11 @@ import torch  # noqa: E402
 
 
 def sample(model, tok, task, cfg, examples, n: int, seed: int):
-    from finegrain.rollout.base import SamplingParams
-    from finegrain.rollout.hf import HFEngine
+    from finegrain.envs import hf_rollout
+    from finegrain.sampling import SamplingParams
 
-    engine = HFEngine(model, tok, segmenter=task.segmenter, max_batch=cfg.rollout.max_batch,
-                      use_chat_template=cfg.model.use_chat_template)
+    engine = hf_rollout(model, tok, segmenter=task.segmenter, max_batch=cfg.rollout.max_batch,
+                        use_chat_template=cfg.model.use_chat_template)
     return engine.generate(examples, n, SamplingParams(1.0, 1.0, 0, cfg.eval.max_new_tokens), seed)
 
 

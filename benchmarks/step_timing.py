@@ -140,7 +140,7 @@ class FinegrainSide:
                     "mean_response_tokens": float("nan"), "reward_mean": float("nan"),
                     "generated_rows": fmetrics["generated_prompts"] * cfg.rollout.group_size, "prompts": []}
         outputs = {n: s(traj) for n, s in self.signals.items()}
-        per_source = combine(outputs, self.weights, traj.response_mask, traj.step_ids)
+        per_source = combine(outputs, self.weights, traj)
         advantages = compute_advantages(cfg, per_source, traj)
         t2, c2 = time.perf_counter(), time.process_time()
         self.shuffle_gen.manual_seed(sample_seed(cfg.train.seed, step, 99))

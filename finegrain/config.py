@@ -60,7 +60,7 @@ class SFTConfig:
 
 @dataclass
 class RolloutConfig:
-    engine: str = _f("hf", "Rollout engine in finegrain.rollout.ROLLOUT_ENGINES.")
+    engine: str = _f("hf", "Sampler in finegrain.sampling.SAMPLERS (every generation goes through it).")
     prompts_per_step: int = _f(16, "Prompts per RL step (after filtering).", range="[1, inf)")
     group_size: int = _f(8, "Samples per prompt (G).", range="[1, inf)")
     temperature: float = _f(1.0, "Sampling temperature; also divides the logits when the loss takes log-probs "
@@ -69,6 +69,9 @@ class RolloutConfig:
     top_k: int = _f(0, "Top-k sampling (0 = off).", range="[0, inf)")
     max_new_tokens: int = _f(48, "Maximum response length in tokens.", range="[1, inf)")
     max_batch: int = _f(256, "Rows per generate call.", range="[1, inf)")
+    env: str = _f("single_turn", "Environment in finegrain.envs.ENVIRONMENTS (single_turn: prompt, one response).")
+    env_kwargs: dict = _f({}, "Keyword arguments of the environment.")
+    max_turns: int = _f(0, "Turns per episode (0 = the environment's own limit, 1 for single_turn).", range="[0, inf)")
 
 
 @dataclass
@@ -386,7 +389,8 @@ def validate(cfg: RunConfig) -> None:
     from finegrain.filters import FILTERS
     from finegrain.losses import AGGREGATIONS, KL_ESTIMATORS, POLICY_LOSSES
     from finegrain.rewards import REWARDS
-    from finegrain.rollout import ROLLOUT_ENGINES
+    from finegrain.envs import ENVIRONMENTS
+    from finegrain.sampling import SAMPLERS
     from finegrain.tasks import TASKS
 
     check_ranges(cfg)
@@ -394,7 +398,8 @@ def validate(cfg: RunConfig) -> None:
     _choice("task.name", cfg.task.name, TASKS.names())
     _choice("model.family", cfg.model.family, ["qwen2", "llama"])
     _choice("model.dtype", cfg.model.dtype, ["float32", "bfloat16", "float16"])
-    _choice("rollout.engine", cfg.rollout.engine, ROLLOUT_ENGINES.names())
+    _choice("rollout.engine", cfg.rollout.engine, SAMPLERS.names())
+    _choice("rollout.env", cfg.rollout.env, ENVIRONMENTS.names())
     for i, r in enumerate(cfg.rewards):
         _choice(f"rewards[{i}].name", r.name, REWARDS.names())
         REWARDS.check_kwargs(r.name, r.kwargs, f"rewards[{i}].kwargs")

@@ -32,6 +32,12 @@ class Trajectory:
         truncated         (B,)   bool   True = stopped by max_new_tokens, not by EOS
         prompt_texts      B strings; response_texts: B decoded responses (no special tokens)
         examples          B task examples (reference answer etc.) each row came from
+        turn_ids          (B, L) long   turn index of each response token, −1 on padding; None = one
+                                        turn (see ``turns``). Observation tokens carry the turn
+                                        they answer.
+        turn_rewards      (B, T) float  the environment's reward of each turn (0 where masked)
+        turn_reward_mask  (B, T) bool   True = the environment gave turn k a reward
+    Batches from ``finegrain.envs.build_trajectory`` always carry the turn fields.
     """
 
     prompt_ids: torch.Tensor
@@ -46,6 +52,9 @@ class Trajectory:
     prompt_texts: list[str] = field(default_factory=list)
     response_texts: list[str] = field(default_factory=list)
     examples: list[Any] = field(default_factory=list)
+    turn_ids: torch.Tensor | None = None
+    turn_rewards: torch.Tensor | None = None
+    turn_reward_mask: torch.Tensor | None = None
 
     def __post_init__(self) -> None:
         check_shapes(
@@ -58,9 +67,16 @@ class Trajectory:
             step_ids=(self.step_ids, ("B", "L")),
             behavior_logprobs=(self.behavior_logprobs, ("B", "L")),
             truncated=(self.truncated, ("B",)),
+            **({"turn_ids": (self.turn_ids, ("B", "L"))} if self.turn_ids is not None else {}),
+            **({"turn_rewards": (self.turn_rewards, ("B", "T")), "turn_reward_mask": (self.turn_reward_mask, ("B", "T"))}
+               if self.turn_rewards is not None else {}),
         )
+        if (self.turn_rewards is None) != (self.turn_reward_mask is None):
+            raise ValueError("Trajectory.turn_rewards and turn_reward_mask: give both or neither")
         for name in ("prompt_mask", "response_mask", "loss_mask", "truncated"):
             check_mask(name, getattr(self, name))
+        if self.turn_reward_mask is not None:
+            check_mask("turn_reward_mask", self.turn_reward_mask)
         B = self.prompt_ids.shape[0]
         for name in ("prompt_texts", "response_texts", "examples"):
             n = len(getattr(self, name))
@@ -102,6 +118,13 @@ class Trajectory:
                                             if isinstance(getattr(self, f.name), torch.Tensor)})
 
     @property
+    def turns(self) -> torch.Tensor:
+        """(B, L) turn index of each response token (−1 on padding); all 0 for a single-turn batch."""
+        if self.turn_ids is not None:
+            return self.turn_ids
+        return torch.where(self.response_mask, 0, -1)
+
+    @property
     def num_steps(self) -> torch.Tensor:
         """(B,) number of steps in each response (max step id + 1)."""
         return (self.step_ids.max(dim=1).values + 1).clamp(min=0)
@@ -131,7 +154,24 @@ def concat(trajs: Sequence[Trajectory], pad_token_id: int) -> Trajectory:
         prompt_texts=[s for t in trajs for s in t.prompt_texts],
         response_texts=[s for t in trajs for s in t.response_texts],
         examples=[e for t in trajs for e in t.examples],
+        **_concat_turns(trajs, L, padr),
     )
+
+
+def _concat_turns(trajs: Sequence[Trajectory], L: int, padr) -> dict:
+    """The turn fields of a concatenation: kept when any part has them (a part without them is
+    one turn with no environment reward)."""
+    out = {}
+    if any(t.turn_ids is not None for t in trajs):
+        out["turn_ids"] = torch.cat([padr(t.turns, L, -1) for t in trajs])
+    if any(t.turn_rewards is not None for t in trajs):
+        T = max(t.turn_rewards.shape[1] if t.turn_rewards is not None else 1 for t in trajs)
+        rew = [t.turn_rewards if t.turn_rewards is not None else torch.zeros(t.batch_size, 1) for t in trajs]
+        msk = [t.turn_reward_mask if t.turn_reward_mask is not None else torch.zeros(t.batch_size, 1, dtype=torch.bool)
+               for t in trajs]
+        out["turn_rewards"] = torch.cat([padr(r, T, 0.0) for r in rew])
+        out["turn_reward_mask"] = torch.cat([padr(m, T, False) for m in msk])
+    return out
 
 
 def broadcast_steps_to_tokens(step_values: torch.Tensor, step_ids: torch.Tensor, fill: float = 0.0) -> torch.Tensor:
@@ -156,23 +196,57 @@ def step_end_mask(step_ids: torch.Tensor) -> torch.Tensor:
     return (step_ids >= 0) & (nxt != step_ids)
 
 
+def last_trained_positions(segment_ids: torch.Tensor, trained: torch.Tensor, num_segments: int) -> torch.Tensor:
+    """Position of the last trained token of each segment (a step or a turn).
+
+    pos[b, s] = max{t : segment_ids[b, t] = s and trained[b, t]}, −1 when segment s of row b has
+    no trained token.
+
+    Args: segment_ids (B, L) long, −1 outside segments; trained (B, L) bool; num_segments S.
+    Returns: (B, S) long.
+
+    >>> last_trained_positions(torch.tensor([[0, 0, 1, 1, -1]]), torch.tensor([[True, True, True, False, True]]), 2)
+    tensor([[1, 2]])
+    """
+    check_shapes(segment_ids=(segment_ids, ("B", "L")), trained=(trained, ("B", "L")))
+    B, L = segment_ids.shape
+    ok = trained & (segment_ids >= 0) & (segment_ids < num_segments)
+    idx = torch.where(ok, segment_ids, torch.full_like(segment_ids, num_segments))  # overflow bucket
+    pos = torch.arange(L, device=segment_ids.device).expand(B, L)
+    out = torch.full((B, num_segments + 1), -1, dtype=torch.long, device=segment_ids.device)
+    out.scatter_reduce_(1, idx, torch.where(ok, pos, torch.full_like(pos, -1)), reduce="amax")
+    return out[:, :num_segments]
+
+
+def place_at_segment_ends(values: torch.Tensor, mask: torch.Tensor, segment_ids: torch.Tensor,
+                          trained: torch.Tensor) -> torch.Tensor:
+    """Write each segment's value on the segment's last *trained* token; zero elsewhere.
+
+    A segment whose tokens are all untrained (an observation-only turn, a filtered row) places
+    nothing: there is no token the policy could be credited on.
+
+    Args: values (B, S) float; mask (B, S) bool (False = no value); segment_ids (B, L) long;
+          trained (B, L) bool (the loss mask).
+    Returns: (B, L) float.
+    """
+    check_shapes(values=(values, ("B", "S")), mask=(mask, ("B", "S")), segment_ids=(segment_ids, ("B", "L")))
+    out = torch.zeros(segment_ids.shape, dtype=values.dtype, device=values.device)
+    pos = last_trained_positions(segment_ids, trained, values.shape[1])  # (B, S)
+    ok = mask & (pos >= 0)
+    rows, segs = ok.nonzero(as_tuple=True)
+    out[rows, pos[rows, segs]] = values[rows, segs]
+    return out
+
+
 def place_at_step_ends(step_values: torch.Tensor, step_mask: torch.Tensor, step_ids: torch.Tensor) -> torch.Tensor:
-    """Write each step's value on the step's last token; zero elsewhere.
+    """Write each step's value on the step's last token; zero elsewhere (every step token counts
+    as trained: ``place_at_segment_ends`` with ``trained = step_ids ≥ 0``).
 
     Args: step_values (B, S) float; step_mask (B, S) bool (False = no value for that step);
           step_ids (B, L) long.
     Returns: (B, L) float.
     """
-    check_shapes(step_values=(step_values, ("B", "S")), step_mask=(step_mask, ("B", "S")),
-                 step_ids=(step_ids, ("B", "L")))
-    ends = step_end_mask(step_ids)
-    S = step_values.shape[1]
-    if S == 0:
-        return torch.zeros(step_ids.shape, dtype=step_values.dtype, device=step_ids.device)
-    idx = step_ids.clamp(min=0, max=S - 1)
-    vals = torch.gather(torch.where(step_mask, step_values, torch.zeros_like(step_values)), 1, idx)
-    ok = ends & (step_ids < S) & torch.gather(step_mask, 1, idx)
-    return torch.where(ok, vals, torch.zeros_like(vals))
+    return place_at_segment_ends(step_values, step_mask, step_ids, step_ids >= 0)
 
 
 def token_to_step_sum(token_values: torch.Tensor, token_mask: torch.Tensor, step_ids: torch.Tensor, num_steps: int

@@ -181,7 +181,7 @@ def _run(args: argparse.Namespace) -> dict:
     from finegrain.eval.search import SEARCHES
     from finegrain.eval.selection import STEP_AGGREGATIONS
     from finegrain.models.load import load_pretrained, resolve_device
-    from finegrain.rollout.base import SamplingParams
+    from finegrain.sampling import SamplingParams
     from finegrain.tasks import TASKS
 
     log = (lambda msg: None) if args.quiet else (lambda msg: print(msg, file=sys.stderr, flush=True))

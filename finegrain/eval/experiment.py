@@ -2,7 +2,7 @@
 
 Pipeline (each stage one call into an existing part):
 
-    HFEngine.generate (n samples per problem)
+    Rollout.generate (n samples per problem, through the sampling layer)
       → verifier + exact step labels (``task.verify``, ``task.label_steps``)
       → SCORERS (oracle, implicit PRM, random, ...)          finegrain.eval.scorers
       → best-of-N / weighted-vote / majority curves          finegrain.eval.selection
@@ -34,8 +34,8 @@ from finegrain.eval.search import SEARCHES
 from finegrain.eval.selection import (STEP_AGGREGATIONS, aggregate_steps, bon_curve, majority_curve, random_curve,
                                       weighted_vote_curve)
 from finegrain.registry import Registry
-from finegrain.rollout.base import SamplingParams, sample_seed
-from finegrain.rollout.hf import HFEngine
+from finegrain.envs.rollout import hf_rollout
+from finegrain.sampling import SamplingParams, sample_seed
 from finegrain.segment import token_char_offsets
 
 ANSWERS = Registry("answer extractor")
@@ -242,8 +242,8 @@ def run_eval(model, tokenizer, task, examples, *, out_dir: str | Path, scorers: 
     ctx = ctx or ScorerContext(rng=np.random.default_rng(seed))
     Ns = list(Ns) if Ns is not None else default_Ns(samples)
     answer_fn = ANSWERS.get(task.name) if task.name in ANSWERS else getattr(task, "extract_answer", None)
-    engine = HFEngine(model, tokenizer, segmenter=task.segmenter, max_batch=max_batch,
-                      use_chat_template=use_chat_template)
+    engine = hf_rollout(model, tokenizer, segmenter=task.segmenter, max_batch=max_batch,
+                        use_chat_template=use_chat_template)
     timing = {"generate_s": 0.0, "score_s": {n: 0.0 for n in scorers}, "records_s": 0.0}
     records: list[SampleRecord] = []
     counter: dict[int, int] = {}

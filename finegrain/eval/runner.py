@@ -6,7 +6,7 @@ from __future__ import annotations
 import time
 
 from finegrain.eval.metrics import accuracy_with_ci, pass_at_k
-from finegrain.rollout.base import SamplingParams
+from finegrain.sampling import SamplingParams
 
 
 def evaluate(engine, task, examples, *, samples: int, temperature: float, max_new_tokens: int, seed: int,

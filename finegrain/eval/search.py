@@ -39,6 +39,7 @@ Where this departs from the sources:
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass, field
 from typing import Callable, Sequence
 
@@ -47,8 +48,9 @@ import torch
 from finegrain.eval.scorers import Scores
 from finegrain.eval.selection import aggregate_steps
 from finegrain.registry import Registry
-from finegrain.rollout.base import SamplingParams
-from finegrain.rollout.hf import render_prompt
+from finegrain.envs.runner import render_prompt
+from finegrain.sampling import SamplingParams, sample_seed
+from finegrain.sampling.base import Sampler
 from finegrain.segment import token_step_ids
 from finegrain.tasks.base import Example
 from finegrain.trajectory import Trajectory
@@ -120,24 +122,6 @@ def stop_token_ids(tokenizer, separator: str = "\n") -> list[int]:
     return [tokenizer.eos_token_id] + sep
 
 
-def cut_at_stop(row: Sequence[int], stop_ids: set[int]) -> list[int]:
-    """The tokens of one generated row up to and including the first stop token (all of them if
-    there is none). ``generate`` pads a row only after a stop token, so the kept tokens are
-    exactly the sampled ones, even when the model sampled the pad token itself.
-
-    >>> cut_at_stop([5, 6, 2, 0, 0], {2})
-    [5, 6, 2]
-    >>> cut_at_stop([5, 6], {2})
-    [5, 6]
-    """
-    out = []
-    for t in row:
-        out.append(int(t))
-        if t in stop_ids:
-            break
-    return out
-
-
 def keep_top(problems: Sequence[int], scores: Sequence[float], k: int) -> list[int]:
     """Indices of the ``k`` highest-scoring candidates of each problem, in index order.
     Ties go to the lower index (Python's sort is stable).
@@ -154,31 +138,18 @@ def keep_top(problems: Sequence[int], scores: Sequence[float], k: int) -> list[i
     return sorted(kept)
 
 
-def _extend(model, tokenizer, prompts: list[list[int]], beams: list[Beam], limits: list[int],
-            stop_ids: list[int], sampling: SamplingParams, max_batch: int) -> list[list[int]]:
-    """Sample up to ``limits[i]`` tokens continuing beam i, stopping at the first stop token.
-    Rows are batched by equal limit (so no row samples past its own limit). Returns the new
-    token ids of each beam (at least one each)."""
+def _extend(sampler: Sampler, prompts: list[list[int]], beams: list[Beam], limits: list[int],
+            stop_ids: list[int], sampling: SamplingParams, seed: int) -> list[list[int]]:
+    """Sample up to ``limits[i]`` tokens continuing beam i, stopping at the first stop token
+    (kept). Rows are batched by equal limit (so no row samples past its own limit); batch k of a
+    call draws with seed ``sample_seed(seed, k)``. Returns the new token ids of each beam."""
     out: list[list[int]] = [[] for _ in beams]
-    stop_set, pad = set(stop_ids), tokenizer.pad_token_id
-    greedy = sampling.temperature == 0
-    device = model.device
-    for limit in sorted(set(limits)):
+    for k, limit in enumerate(sorted(set(limits))):
         rows = [i for i, lim in enumerate(limits) if lim == limit]
-        for s in range(0, len(rows), max_batch):
-            chunk = rows[s:s + max_batch]
-            seqs = [prompts[beams[i].problem] + beams[i].ids for i in chunk]
-            T = max(len(q) for q in seqs)
-            input_ids = torch.tensor([[pad] * (T - len(q)) + q for q in seqs], device=device)  # (b, T)
-            attn = torch.tensor([[0] * (T - len(q)) + [1] * len(q) for q in seqs], device=device)  # (b, T)
-            gen = model.generate(
-                input_ids=input_ids, attention_mask=attn, do_sample=not greedy,
-                temperature=None if greedy else sampling.temperature, top_p=None if greedy else sampling.top_p,
-                top_k=None if greedy else sampling.top_k, max_new_tokens=limit,
-                eos_token_id=stop_ids, pad_token_id=pad)
-            new = gen[:, T:].tolist()  # (b, ≤ limit)
-            for i, row in zip(chunk, new):
-                out[i] = cut_at_stop(row, stop_set)
+        params = dataclasses.replace(sampling, max_new_tokens=limit, stop_token_ids=tuple(stop_ids), logprobs=False)
+        got = sampler.sample([prompts[beams[i].problem] + beams[i].ids for i in rows], 1, params, sample_seed(seed, k))
+        for i, ids in zip(rows, got.token_ids):
+            out[i] = ids
     return out
 
 
@@ -221,7 +192,7 @@ def step_search(model, tokenizer, task, examples: list[Example], score_fn: Score
                 beam_width: int = 4, tau: int | None = None, aggregation: str = "last",
                 sampling: SamplingParams = SamplingParams(), max_steps: int = 16, max_step_tokens: int | None = None,
                 seed: int = 0, separator: str = "\n", max_batch: int = 256,
-                use_chat_template: bool = True) -> SearchResult:
+                use_chat_template: bool = True, sampler: Sampler | None = None) -> SearchResult:
     """Beam search over steps (``tau=None``) or ER-PRM partial beam search (``tau`` ≥ 1).
 
     Per iteration, for each problem (module docstring for the budget letters):
@@ -241,7 +212,8 @@ def step_search(model, tokenizer, task, examples: list[Example], score_fn: Score
         aggregation: name in ``selection.STEP_AGGREGATIONS``.
         sampling: temperature / top-p / top-k and ``max_new_tokens``, the response budget.
         max_steps: iterations; max_step_tokens: cap per step (None = the response budget).
-        seed: seeds the torch RNG inside ``fork_rng`` (the caller's RNG state is untouched).
+        seed: the search's sampling seed; call c of the sampler uses ``sample_seed(seed, c)``.
+        sampler: the ``Sampler`` to continue beams with (default: the HF sampler on ``model``).
     Returns:
         :class:`SearchResult`.
     """
@@ -261,12 +233,17 @@ def step_search(model, tokenizer, task, examples: list[Example], score_fn: Score
     stop_ids = stop_token_ids(tokenizer, separator)
     stop_set, eos = set(stop_ids), tokenizer.eos_token_id
     tokens = [0] * len(examples)
-    was_training = model.training
-    model.eval()
+    if sampler is None:
+        from finegrain.sampling.hf import HFSampler
+
+        sampler = HFSampler(model, tokenizer, max_batch=max_batch)
+    calls = [0]
 
     def grow(beams: list[Beam], limits: list[int]) -> None:
         """Extend each beam by one sampled chunk (≤ its limit); update counts and flags."""
-        for b, new in zip(beams, _extend(model, tokenizer, prompts, beams, limits, stop_ids, sampling, max_batch)):
+        calls[0] += 1
+        new_ids = _extend(sampler, prompts, beams, limits, stop_ids, sampling, sample_seed(seed, calls[0], stream=5))
+        for b, new in zip(beams, new_ids):
             b.ids += new
             b.step_tokens += len(new)
             tokens[b.problem] += len(new)
@@ -278,24 +255,21 @@ def step_search(model, tokenizer, task, examples: list[Example], score_fn: Score
         _score(beams, tokenizer, prompts, examples, task.segmenter, score_fn, aggregation, max_batch, model.device)
 
     beams = [Beam(p) for p in range(len(examples)) for _ in range(keep)]
-    with torch.random.fork_rng(devices=[model.device] if model.device.type == "cuda" else []):
-        torch.manual_seed(seed)
-        for _ in range(max_steps):
-            live = [b for b in beams if not b.done]
-            if not live:
-                break
-            cands = [Beam(b.problem, list(b.ids)) for b in live for _ in range(beam_width)]
-            first = min(tau, cap) if tau is not None else cap
-            grow(cands, [min(first, budget - len(c.ids)) for c in cands])
-            rescore(cands)
-            pool = [b for b in beams if b.done] + cands
-            beams = [pool[i] for i in keep_top([b.problem for b in pool], [b.score for b in pool], keep)]
-            if tau is not None:
-                unfinished = [b for b in beams if b.step_open and not b.done and b.step_tokens < cap]
-                if unfinished:
-                    grow(unfinished, [min(cap - b.step_tokens, budget - len(b.ids)) for b in unfinished])
-                    rescore(unfinished)
-    model.train(was_training)
+    for _ in range(max_steps):
+        live = [b for b in beams if not b.done]
+        if not live:
+            break
+        cands = [Beam(b.problem, list(b.ids)) for b in live for _ in range(beam_width)]
+        first = min(tau, cap) if tau is not None else cap
+        grow(cands, [min(first, budget - len(c.ids)) for c in cands])
+        rescore(cands)
+        pool = [b for b in beams if b.done] + cands
+        beams = [pool[i] for i in keep_top([b.problem for b in pool], [b.score for b in pool], keep)]
+        if tau is not None:
+            unfinished = [b for b in beams if b.step_open and not b.done and b.step_tokens < cap]
+            if unfinished:
+                grow(unfinished, [min(cap - b.step_tokens, budget - len(b.ids)) for b in unfinished])
+                rescore(unfinished)
 
     best: dict[int, Beam] = {}
     for b in beams:  # index order, so ties go to the first kept beam

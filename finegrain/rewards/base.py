@@ -10,8 +10,9 @@ import torch
 from finegrain.registry import Registry
 from finegrain.shapes import check_mask
 
-Level = Literal["outcome", "step", "token"]
-LEVELS: tuple[str, ...] = ("outcome", "step", "token")
+Level = Literal["outcome", "turn", "step", "token"]
+# coarsest to finest: an estimator that consumes a level takes every coarser one too
+LEVELS: tuple[str, ...] = ("outcome", "turn", "step", "token")
 
 # Reward signals are classes (they may hold models); entries are constructed as
 # ``REWARDS.get(name).from_context(ctx, **kwargs)`` where ctx is a ``train.loop.RewardContext``
@@ -23,9 +24,9 @@ REWARDS = Registry("reward signal")
 class RewardOutput:
     """Values of one signal for a batch.
 
-    values: (B,) for level 'outcome', (B, S) for 'step', (B, L) for 'token'.
+    values: (B,) for level 'outcome', (B, T) for 'turn', (B, S) for 'step', (B, L) for 'token'.
     mask:   same shape, bool; False = not applicable (not the same as a zero reward).
-    level:  'outcome' | 'step' | 'token'.
+    level:  'outcome' | 'turn' | 'step' | 'token'.
     components: extra per-row (B,) tensors for logging only (e.g. 'format', 'accuracy').
     """
 
@@ -37,7 +38,7 @@ class RewardOutput:
     def __post_init__(self) -> None:
         if self.level not in LEVELS:
             raise ValueError(f"RewardOutput.level: expected one of {LEVELS}, got '{self.level}'")
-        want = {"outcome": 1, "step": 2, "token": 2}[self.level]
+        want = {"outcome": 1, "turn": 2, "step": 2, "token": 2}[self.level]
         if self.values.dim() != want:
             raise ValueError(f"RewardOutput.values: level '{self.level}' needs {want} dims, got {tuple(self.values.shape)}")
         if self.mask.shape != self.values.shape:

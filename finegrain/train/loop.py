@@ -30,7 +30,8 @@ from finegrain.models.load import load_pretrained, warm_started_tiny
 from finegrain.rewards import REWARDS
 from finegrain.rewards.base import cat_outputs, select_output
 from finegrain.rewards.combine import combine, total
-from finegrain.rollout import ROLLOUT_ENGINES, SamplingParams, sample_seed
+from finegrain.envs import Rollout
+from finegrain.sampling import SAMPLERS, SamplingParams, sample_seed
 from finegrain.tasks import TASKS
 from finegrain.train import rundir
 from finegrain.train.checkpoint import load_weights_into, save_checkpoint
@@ -212,8 +213,9 @@ def _train(cfg: RunConfig, out: Path, stop_after: int | None, log: Callable[[str
         return initial["m"]
 
     ref = initial_policy() if cfg.loss.kl_coef > 0 else None
-    engine = ROLLOUT_ENGINES.get(cfg.rollout.engine)(policy, tok, segmenter=task.segmenter, max_batch=cfg.rollout.max_batch,
-                                                      use_chat_template=cfg.model.use_chat_template)
+    sampler = SAMPLERS.get(cfg.rollout.engine)(policy, tok, max_batch=cfg.rollout.max_batch)
+    engine = Rollout(sampler, segmenter=task.segmenter, env=cfg.rollout.env, env_kwargs=cfg.rollout.env_kwargs, task=task,
+                     max_turns=cfg.rollout.max_turns or None, use_chat_template=cfg.model.use_chat_template)
     ctx = RewardContext(cfg, task, tok, policy, initial_policy)
     signals = {r.name: REWARDS.get(r.name).from_context(ctx, **r.kwargs) for r in cfg.rewards}
     weights = {r.name: r.weight for r in cfg.rewards}
@@ -267,7 +269,7 @@ def _train(cfg: RunConfig, out: Path, stop_after: int | None, log: Callable[[str
             if cfg.train.ppo_epochs > 1 or cfg.train.minibatches > 1:
                 old_logprobs = batch_logprobs(policy, traj, cfg.rollout.temperature, cfg.rollout.max_batch)
             outputs = {n: pre_scored[n] if n in pre_scored else s(traj) for n, s in signals.items()}
-            per_source = combine(outputs, weights, traj.response_mask, traj.step_ids)
+            per_source = combine(outputs, weights, traj)
             ref_logprobs = batch_logprobs(ref, traj, cfg.rollout.temperature, cfg.rollout.max_batch) if ref is not None else None
             if ref is not None and cfg.loss.kl_mode == "reward":
                 lp = old_logprobs if old_logprobs is not None else traj.behavior_logprobs

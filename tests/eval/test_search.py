@@ -7,11 +7,11 @@ import pytest
 import torch
 
 from finegrain.eval.scorers import SCORERS, ScorerContext, Scores, num_steps
-from finegrain.eval.search import SEARCHES, cut_at_stop, keep_top, step_search, stop_token_ids
+from finegrain.eval.search import SEARCHES, keep_top, step_search, stop_token_ids
 from finegrain.eval.selection import aggregate_steps
 from finegrain.models.tiny import tiny_causal_lm
 from finegrain.models.tokenizer import train_bpe_tokenizer
-from finegrain.rollout.base import SamplingParams
+from finegrain.sampling import SamplingParams
 
 
 @pytest.fixture(scope="module")
@@ -48,12 +48,6 @@ def test_stop_tokens_char_and_bpe(tok):
     for i in range(len(bpe)):
         text = bpe.decode([i], skip_special_tokens=True)
         assert (i in stops[1:]) == ("\n" in text and i not in bpe.all_special_ids), (i, text)
-
-
-def test_cut_at_stop_keeps_sampled_pads_before_the_stop():
-    # pad (0) sampled mid-row is a real token; padding after the stop is not
-    assert cut_at_stop([0, 5, 9, 0, 0], {9}) == [0, 5, 9]
-    assert cut_at_stop([], {9}) == []
 
 
 def test_keep_top_worked_example():

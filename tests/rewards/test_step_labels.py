@@ -42,7 +42,7 @@ def test_worked_example_and_placement():
     # row 2: correct, unparseable, wrong (A: 12 after only one computation line)
     assert out.values.tolist() == [[0.5, 0.5, 0.5], [-1.0, 0.5, 0.5], [0.5, -1.0, -1.0]]
     assert out.mask.all() and out.components["wrong_steps"].tolist() == [0, 1, 2]
-    placed = to_token_rewards(out, traj.response_mask, traj.step_ids)
+    placed = to_token_rewards(out, traj)
     # each step's value sits on the step's last token (the newline, or the last answer character)
     assert placed[1].nonzero().flatten().tolist() == [6, 14, 19]
     assert placed[1, [6, 14, 19]].tolist() == [-1.0, 0.5, 0.5]

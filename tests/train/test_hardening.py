@@ -250,13 +250,13 @@ def test_prompts_per_step_beyond_the_pool_is_refused_before_loading(tmp_path, sf
 def test_prompt_longer_than_the_context_is_dropped_or_refused_quickly(sft_cache):
     from finegrain.models.tiny import tiny_causal_lm
     from finegrain.models.tokenizer import char_tokenizer
-    from finegrain.rollout.base import SamplingParams
-    from finegrain.rollout.hf import HFEngine
+    from finegrain.envs import hf_rollout
+    from finegrain.sampling import SamplingParams
     from finegrain.tasks.base import Example
     from finegrain.train.loop import fitting_prompts
 
     tok = char_tokenizer(list("abc0123456789 ?"))
-    engine = HFEngine(tiny_causal_lm(tok, size="micro", max_positions=64), tok)
+    engine = hf_rollout(tiny_causal_lm(tok, size="micro", max_positions=64), tok)
     short, huge = Example("s", "abc?", "1"), Example("h", "a" * 1_000_000, "1")
     assert engine.prompt_fits([short, huge], 16) == [True, False]
     msgs = []

@@ -1,11 +1,12 @@
-"""The HF generate engine: seeding, greedy independence of the seed, masks, log-probs, step ids."""
+"""The HF sampler through a single-turn Rollout: seeding, greedy independence of the seed, masks, log-probs, step ids."""
 
 import pytest
 import torch
 
 from finegrain.models.tiny import tiny_causal_lm
 from finegrain.models.tokenizer import char_tokenizer
-from finegrain.rollout import ROLLOUT_ENGINES, SamplingParams
+from finegrain.envs import hf_rollout
+from finegrain.sampling import SamplingParams
 from finegrain.segment import newline, spans_to_token_step_ids, token_char_offsets
 from finegrain.tasks.base import Example
 from finegrain.train.update import batch_logprobs
@@ -17,7 +18,7 @@ ALPHABET = "0123456789+-*=:QA \n"
 def engine():
     tok = char_tokenizer(ALPHABET)
     model = tiny_causal_lm(tok, size="micro", seed=0)
-    return ROLLOUT_ENGINES.get("hf")(model, tok, segmenter="newline")
+    return hf_rollout(model, tok, segmenter="newline")
 
 
 EXAMPLES = [Example(id="a", prompt="Q: 7 +5\n", answer="12"), Example(id="b", prompt="Q: 13 *2 -4\n", answer="22")]
@@ -88,14 +89,14 @@ def test_logprobs_from_a_forward_pass_match_generate_logits(engine):
     # a large vocabulary would not keep generate's (B, L, V) logits; the forward-pass path must agree
     sp = SamplingParams(temperature=0.7, max_new_tokens=12)
     a = engine.generate(EXAMPLES, 3, sp, seed=4)
-    big = ROLLOUT_ENGINES.get("hf")(engine.model, engine.tokenizer, logits_budget_bytes=0, forward_micro_batch=2)
+    big = hf_rollout(engine.model, engine.tokenizer, logits_budget_bytes=0, forward_micro_batch=2)
     b = big.generate(EXAMPLES, 3, sp, seed=4)
     assert torch.equal(a.response_ids, b.response_ids)
     torch.testing.assert_close(a.behavior_logprobs, b.behavior_logprobs, rtol=1e-4, atol=1e-4)
 
 
 def test_chat_template_is_applied_when_the_tokenizer_has_one():
-    from finegrain.rollout.hf import render_prompt
+    from finegrain.envs.runner import render_prompt
 
     tok = char_tokenizer(ALPHABET + "<>|usertaisnm")
     assert render_prompt(tok, "Q: 1 +2\n") == "Q: 1 +2\n"  # no template: the raw prompt
@@ -103,6 +104,6 @@ def test_chat_template_is_applied_when_the_tokenizer_has_one():
     assert render_prompt(tok, "Q: 1 +2\n") == "<|user|>Q: 1 +2\n<|assistant|>"
     assert render_prompt(tok, "Q: 1 +2\n", use_chat_template=False) == "Q: 1 +2\n"
     model = tiny_causal_lm(tok, size="micro", seed=0)
-    t = ROLLOUT_ENGINES.get("hf")(model, tok).generate(EXAMPLES[:1], 1, SamplingParams(max_new_tokens=4), seed=0)
+    t = hf_rollout(model, tok).generate(EXAMPLES[:1], 1, SamplingParams(max_new_tokens=4), seed=0)
     assert t.prompt_texts == ["<|user|>Q: 7 +5\n<|assistant|>"]
     assert tok.decode(t.prompt_ids[0], skip_special_tokens=True) == "<|user|>Q: 7 +5\n<|assistant|>"

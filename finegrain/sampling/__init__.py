@@ -1,0 +1,4 @@
+"""The sampling layer (``SAMPLERS``): every generation in finegrain goes through a Sampler."""
+
+from finegrain.sampling.base import SAMPLERS, Completions, Sampler, SamplingParams, sample_seed  # noqa: F401
+from finegrain.sampling import hf  # noqa: E402,F401  (registers entries)
