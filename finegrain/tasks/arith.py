@@ -30,10 +30,14 @@ from functools import lru_cache
 
 from finegrain.segment import newline
 from finegrain.tasks import TASKS
-from finegrain.tasks.base import STEP_CORRECT, STEP_UNPARSEABLE, STEP_WRONG, Example, StepLabels
+from finegrain.tasks.base import (STEP_CORRECT, STEP_UNPARSEABLE, STEP_WRONG, Example, StepLabels,
+                                  check_int, kwarg_error)
 
 SPLITS = ("train", "test")
 TEST_PER_MILLE = 100  # a problem is in 'test' iff sha1(prompt) mod 1000 < 100, so 10% of problems
+# Sanity limits on the constructor arguments: they keep building the task and counting its
+# problems to seconds (both grow with max_value x max_operand x max_steps).
+MAX_STEPS_LIMIT, MAX_VALUE_LIMIT, MAX_OPERAND_LIMIT = 32, 10_000, 100
 
 # integers are capped at 100 digits (longer is garbage, and int() refuses > 4300 digits)
 _COMPUTE_RE = re.compile(r"\s*(-?\d{1,100})\s*([-+*])\s*(-?\d{1,100})\s*=\s*(-?\d{1,100})\s*")
@@ -107,6 +111,11 @@ class ArithTask:
     chosen uniformly among those with at least one allowed operand (``-`` only if the result
     stays ≥ 0, ``+``/``*`` only if it stays ≤ ``max_value``), then its operand uniformly among
     the allowed ones. The number of operations is uniform in [min_steps, max_steps].
+
+    Every argument is checked before any work (``task.kwargs.<name>: expected ..., got ...``):
+    integers with 1 <= min_steps <= max_steps <= 32, 0 <= max_start <= max_value,
+    1 <= max_value <= 10,000, 1 <= max_operand <= 100; ``ops`` distinct characters of '+-*';
+    ``seed`` any integer.
     """
 
     name = "arith"
@@ -114,18 +123,16 @@ class ArithTask:
 
     def __init__(self, *, min_steps: int = 2, max_steps: int = 4, max_start: int = 20,
                  max_operand: int = 9, max_value: int = 99, ops: str = "+-*", seed: int = 0):
-        if min_steps < 1:
-            raise ValueError(f"arith: min_steps must be >= 1, got {min_steps}")
-        if max_steps < min_steps:
-            raise ValueError(f"arith: max_steps must be >= min_steps ({min_steps}), got {max_steps}")
-        if max_start < 0:
-            raise ValueError(f"arith: max_start must be >= 0, got {max_start}")
-        if max_operand < 1:
-            raise ValueError(f"arith: max_operand must be >= 1, got {max_operand}")
-        if max_value < max_start:
-            raise ValueError(f"arith: max_value must be >= max_start ({max_start}), got {max_value}")
-        if not ops or set(ops) - set("+-*") or len(set(ops)) != len(ops):
-            raise ValueError(f"arith: ops must be distinct characters from '+-*', got {ops!r}")
+        min_steps = check_int("min_steps", min_steps, low=1, high=MAX_STEPS_LIMIT)
+        max_steps = check_int("max_steps", max_steps, low=min_steps, high=MAX_STEPS_LIMIT,
+                              low_name="min_steps")
+        max_start = check_int("max_start", max_start, low=0, high=MAX_VALUE_LIMIT)
+        max_value = check_int("max_value", max_value, low=max(1, max_start), high=MAX_VALUE_LIMIT,
+                              low_name="max_start" if max_start >= 1 else None)
+        max_operand = check_int("max_operand", max_operand, low=1, high=MAX_OPERAND_LIMIT)
+        seed = check_int("seed", seed)
+        if not isinstance(ops, str) or not ops or set(ops) - set("+-*") or len(set(ops)) != len(ops):
+            raise kwarg_error("ops", "distinct characters from '+-*'", ops)
         self.min_steps, self.max_steps, self.max_start = min_steps, max_steps, max_start
         self.max_operand, self.max_value, self.ops, self.seed = max_operand, max_value, ops, seed
         # moves[v] = [(op, [allowed operands])...] for every op that has at least one operand at v

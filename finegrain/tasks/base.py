@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import math
+import numbers
+import os
 from dataclasses import dataclass, field
 from typing import Any, Protocol, runtime_checkable
 
@@ -54,3 +57,95 @@ class Task(Protocol):
 class StepTask(Task, Protocol):
     def label_steps(self, example: Example, response: str) -> StepLabels:
         """Label every step of ANY response against the problem."""
+
+
+# ---- checking constructor arguments ---------------------------------------------------------
+#
+# Task constructors check every keyword argument before doing any work, and raise one line that
+# names the config field, the allowed values and the value received, e.g.
+# "task.kwargs.min_steps: expected an integer in [1, 100], got 0".
+
+KWARGS = "task.kwargs"
+
+
+def _shown(value: Any) -> str:
+    """``repr(value)`` on one line, at most 80 characters."""
+    text = repr(value)
+    return text if len(text) <= 80 else text[:77] + "..."
+
+
+def kwarg_error(name: str, expected: str, value: Any) -> ValueError:
+    """The one-line error for task kwarg ``name``.
+
+    >>> str(kwarg_error("max_steps", "an integer >= 1", 0))
+    'task.kwargs.max_steps: expected an integer >= 1, got 0'
+    """
+    return ValueError(f"{KWARGS}.{name}: expected {expected}, got {_shown(value)}")
+
+
+def _range(low: Any, high: Any, low_name: str | None, high_name: str | None) -> str:
+    lo = None if low is None else f"{low_name} ({low})" if low_name else f"{low}"
+    hi = None if high is None else f"{high_name} ({high})" if high_name else f"{high}"
+    if lo is not None and hi is not None:
+        return f" in [{lo}, {hi}]"
+    return f" >= {lo}" if lo is not None else f" <= {hi}" if hi is not None else ""
+
+
+def check_int(name: str, value: Any, *, low: int | None = None, high: int | None = None,
+              low_name: str | None = None, high_name: str | None = None) -> int:
+    """``value`` if it is an integer (not a bool, not a float) in [low, high], else raise
+    ``kwarg_error``. ``low_name``/``high_name`` name a bound that is another kwarg.
+
+    >>> check_int("seed", 3)
+    3
+    >>> check_int("max_steps", 2, low=3, high=100, low_name="min_steps")
+    Traceback (most recent call last):
+    ...
+    ValueError: task.kwargs.max_steps: expected an integer in [min_steps (3), 100], got 2
+    """
+    expected = "an integer" + _range(low, high, low_name, high_name)
+    if not isinstance(value, numbers.Integral) or isinstance(value, bool):
+        raise kwarg_error(name, expected, value)
+    if (low is not None and value < low) or (high is not None and value > high):
+        raise kwarg_error(name, expected, value)
+    return int(value)
+
+
+def check_float(name: str, value: Any, *, low: float | None = None,
+                high: float | None = None) -> float:
+    """``value`` as a float if it is a finite real number (not a bool) in [low, high], else
+    raise ``kwarg_error``.
+
+    >>> check_float("fraction", float("nan"), low=0, high=1)
+    Traceback (most recent call last):
+    ...
+    ValueError: task.kwargs.fraction: expected a finite number in [0, 1], got nan
+    """
+    expected = "a finite number" + _range(low, high, None, None)
+    if not isinstance(value, numbers.Real) or isinstance(value, bool) or not math.isfinite(value):
+        raise kwarg_error(name, expected, value)
+    if (low is not None and value < low) or (high is not None and value > high):
+        raise kwarg_error(name, expected, value)
+    return float(value)
+
+
+def check_str(name: str, value: Any, *, optional: bool = False,
+              path: bool = False) -> str | None:
+    """``value`` if it is a non-empty one-line string (or, with ``path``, an ``os.PathLike``,
+    returned as text); None passes when ``optional``. Else raise ``kwarg_error``.
+
+    >>> check_str("question_field", "problem"), check_str("dataset", None, optional=True)
+    ('problem', None)
+    >>> check_str("answer_field", "")
+    Traceback (most recent call last):
+    ...
+    ValueError: task.kwargs.answer_field: expected a non-empty string, got ''
+    """
+    expected = ("a non-empty path" if path else "a non-empty string") + (" or null" if optional else "")
+    if value is None and optional:
+        return None
+    if path and isinstance(value, os.PathLike):
+        value = os.fspath(value)
+    if not isinstance(value, str) or not value.strip() or "\n" in value:
+        raise kwarg_error(name, expected, value)
+    return value

@@ -1,10 +1,23 @@
-"""GSM8K: grade-school word problems, a numeric verifier, and step labels for the arithmetic.
+"""GSM8K: grade-school word problems, a math-verify verifier, and step labels for the arithmetic.
 
-Data: JSONL with ``question`` and ``answer`` per line, where ``answer`` is GSM8K's reasoning
+Data: GSM8K-format rows with a question and an answer, where the answer is GSM8K's reasoning
 with calculator annotations and a final marker::
 
     She makes 9 * 2 = $<<9*2=18>>18 every day at the farmer's market.
     #### 18
+
+(an answer that is just a number, ``18``, is accepted too). Rows come from local JSONL files
+(``data_dir`` / ``train_file`` / ``test_file``) or from any Hugging Face dataset, by Hub name or
+local path (``dataset``, see ``finegrain.tasks.hf_data``); ``question_field`` and
+``answer_field`` name the columns.
+
+Answers (``verify``): ``finegrain.tasks.answers`` finds the final answer of a response with
+math-verify (``\\boxed{}``, LaTeX, "the answer is", the last ``=``, the last number) and
+compares it with the reference through ``math_verify.verify`` (exact for rationals, floats
+rounded to 6 decimals, ``50%`` = 50). Its own code handles only what math-verify lacks: GSM8K's
+``#### n`` marker (read first), mixed numbers (``2 1/2``), space-separated thousands inside LaTeX,
+number words (``forty-two``), U+2212 minus, and the time bounds that let it run off the main
+thread. Its module docstring lists which case takes which path, and why.
 
 Step labels check arithmetic only, line by line (segmenter ``newline``): every ``<<expr=c>>``
 annotation, and every free-text equation ``a op b = c``. Expressions are evaluated exactly
@@ -27,15 +40,20 @@ from __future__ import annotations
 
 import os
 import re
-from decimal import Decimal
 from fractions import Fraction
 from pathlib import Path
-from typing import NamedTuple
+from typing import Any, NamedTuple
 
 from finegrain.jsonl import parse_json_object
 from finegrain.segment import newline
 from finegrain.tasks import TASKS
-from finegrain.tasks.base import STEP_CORRECT, STEP_UNPARSEABLE, STEP_WRONG, Example, StepLabels
+from finegrain.tasks.answers import canonical_number, extract_answer, is_equivalent
+from finegrain.tasks.base import (STEP_CORRECT, STEP_UNPARSEABLE, STEP_WRONG, Example, StepLabels,
+                                  check_str, kwarg_error)
+from finegrain.tasks.hf_data import load_columns, load_splits
+
+__all__ = ["GSM8KTask", "extract_answer", "normalize_number", "label_arithmetic", "line_checks",
+           "evaluate", "load_jsonl", "default_data_dir"]
 
 SPLITS = ("train", "test")
 FIELDS = ("question", "answer")
@@ -69,60 +87,13 @@ def normalize_number(s: str) -> str | None:
         num, den = text.split("/")
         if Fraction(den) == 0:
             return None
-        value = Fraction(num) / Fraction(den)
-        d = value.denominator
-        while d % 2 == 0:
-            d //= 2
-        while d % 5 == 0:
-            d //= 5
-        if d != 1:
-            return f"{value.numerator}/{value.denominator}"
-        dec = Decimal(value.numerator) / Decimal(value.denominator)
-    else:
-        dec = Decimal(text)
-    out = f"{dec.normalize():f}"
-    return "0" if out in ("-0", "0") else out
+        return canonical_number(Fraction(num) / Fraction(den))
+    return canonical_number(Fraction(text))
 
 
-_MARKER = re.compile(r"####")
-_BOXED = re.compile(r"\\boxed\{([^{}]*)\}")
-_ANSWER_LINE = re.compile(r"answer\s*(?:is|:|=)\s*:?|^[ \t]*A[ \t]*:", re.IGNORECASE | re.MULTILINE)
-
-
-def extract_answer(text: str) -> str | None:
-    """The final answer of a free-form solution, normalised, or None.
-
-    Looks, in order, for: the last ``#### n`` marker; the last ``\\boxed{n}``; the last
-    "answer is n" / "Answer: n" / line-initial "A: n"; the last number anywhere in the text.
-    A candidate without a number falls through to the next rule.
-
-    >>> extract_answer("blah\\n#### 1,450,000")
-    '1450000'
-    >>> extract_answer("Answer: $72.00 in total")
-    '72'
-    >>> extract_answer("3 + 4 = 7, then 7 * 2 = 14 cookies")
-    '14'
-    >>> extract_answer("no numbers") is None
-    True
-    """
-    for pattern in (_MARKER, _BOXED, _ANSWER_LINE):
-        for m in reversed(list(pattern.finditer(text))):
-            tail = m.group(1) if pattern.groups else text[m.end():].split("\n")[0]
-            got = normalize_number(tail)
-            if got is not None:
-                return got
-    numbers = _NUMBER.findall(_clean(text))
-    return normalize_number(numbers[-1]) if numbers else None
-
-
-def numbers_match(got: str, ref: str, *, rel_tol: float = 1e-6) -> bool:
-    """Numeric equality of two canonical number strings (``normalize_number`` output), relative
-    tolerance ``rel_tol``.
-
-    >>> numbers_match("1/3", "0.333333333"), numbers_match("72", "72.5")
-    (True, False)
-    """
-    return _isclose(Fraction(got), Fraction(ref), rel_tol)
+def _bare_number(text: str) -> str | None:
+    """``normalize_number(text)`` when ``text`` is nothing but one number ('$1,234', '-3')."""
+    return normalize_number(text) if _NUMBER.fullmatch(_clean(text.strip())) else None
 
 
 def _isclose(a: Fraction, b: Fraction, rel_tol: float = 1e-6) -> bool:
@@ -507,41 +478,64 @@ def default_data_dir() -> Path:
     return Path(__file__).resolve().parents[2].parent / "shared" / "data" / "gsm8k"
 
 
-def load_jsonl(path: Path, split: str) -> list[Example]:
-    """Examples from a GSM8K-format JSONL file; one-line errors name the file and line."""
+def make_example(question: Any, answer: Any, split: str, index: int, where: str,
+                 fields: tuple[str, str] = FIELDS, **meta: Any) -> Example:
+    """One Example from a GSM8K row; one-line errors start with ``gsm8k: <where>``.
+
+    ``answer`` is GSM8K's reasoning ending in ``#### <number>``, or just a number (a string
+    such as '1,234', or an int or float); then the example has no solution. ``fields`` names
+    the two columns in errors.
+    """
+    q_field, a_field = fields
+    if not isinstance(question, str):
+        raise ValueError(f"gsm8k: {where}: missing or non-string field '{q_field}'")
+    if isinstance(answer, (int, float)) and not isinstance(answer, bool):
+        answer = str(answer)  # a numeric column (csv, parquet) or a JSON number
+    if not isinstance(answer, str):
+        raise ValueError(f"gsm8k: {where}: missing or non-string field '{a_field}'")
+    reasoning, marker, final = answer.rpartition("####")
+    value = normalize_number(final) if marker else _bare_number(answer)
+    if value is None:
+        raise ValueError(f"gsm8k: {where}: field '{a_field}' has no final '#### <number>' and is "
+                         f"not a number")
+    solution = (_ANNOTATION.sub("", reasoning.rstrip("\n")) + f"\n#### {value}") if marker else ""
+    return Example(id=f"gsm8k-{split}-{index:05d}", prompt=question, answer=value,
+                   solution=solution, meta={"annotated_solution": answer, **meta})
+
+
+def load_jsonl(path: Path, split: str, fields: tuple[str, str] = FIELDS) -> list[Example]:
+    """Examples from a GSM8K-format JSONL file; one-line errors name the file and line.
+    ``fields`` = (question field, answer field)."""
     if not path.is_file():
         raise FileNotFoundError(f"gsm8k: {path} not found; expected JSONL with one object per line "
-                                f"holding fields {', '.join(map(repr, FIELDS))}")
+                                f"holding fields {', '.join(map(repr, fields))}")
     out = []
     with open(path, encoding="utf-8") as f:
         for lineno, raw in enumerate(f, start=1):
             if not raw.strip():
                 continue
             where = f"{path}:{lineno}"
-            row = parse_json_object(raw, f"gsm8k: {where}", FIELDS)
-            for key in FIELDS:
-                if not isinstance(row.get(key), str):
-                    raise ValueError(f"gsm8k: {where}: missing or non-string field '{key}'")
-            reasoning, marker, final = row["answer"].rpartition("####")
-            answer = normalize_number(final) if marker else None
-            if answer is None:
-                raise ValueError(f"gsm8k: {where}: field 'answer' has no final '#### <number>'")
-            reasoning = reasoning.rstrip("\n")
-            solution = _ANNOTATION.sub("", reasoning) + f"\n#### {answer}"
-            out.append(Example(id=f"gsm8k-{split}-{len(out):05d}", prompt=row["question"],
-                               answer=answer, solution=solution,
-                               meta={"annotated_solution": row["answer"], "line": lineno}))
+            row = parse_json_object(raw, f"gsm8k: {where}", fields)
+            out.append(make_example(row.get(fields[0]), row.get(fields[1]), split, len(out), where,
+                                    fields, line=lineno))
     return out
 
 
 @TASKS.register("gsm8k")
 class GSM8KTask:
-    """GSM8K from local JSONL files. Files are read on first use of a split.
+    """GSM8K from local JSONL files or a Hugging Face dataset; a split is read on first use.
 
-    Args (keyword-only):
+    Args (keyword-only; each is checked before any work, ``task.kwargs.<name>: ...``):
         data_dir: folder holding ``train.jsonl`` and ``test.jsonl``; default
             ``default_data_dir()``.
-        train_file / test_file: explicit paths; they override ``data_dir`` for their split.
+        train_file / test_file: explicit JSONL paths; they override ``data_dir`` for their split.
+        dataset: instead of the files, a Hugging Face dataset: a Hub name or a local path (a
+            ``save_to_disk`` directory, or a directory or file of json/jsonl/parquet/csv); see
+            ``finegrain.tasks.hf_data``. Cannot be combined with the three file arguments.
+        dataset_config: the dataset's configuration name (e.g. ``main`` for ``openai/gsm8k``).
+        train_split / test_split: the dataset's split names read as 'train' and 'test'.
+        question_field / answer_field: the column (or JSON field) holding the question and the
+            GSM8K-format answer.
     """
 
     name = "gsm8k"
@@ -549,27 +543,72 @@ class GSM8KTask:
 
     def __init__(self, *, data_dir: str | os.PathLike | None = None,
                  train_file: str | os.PathLike | None = None,
-                 test_file: str | os.PathLike | None = None):
+                 test_file: str | os.PathLike | None = None,
+                 dataset: str | None = None, dataset_config: str | None = None,
+                 train_split: str = "train", test_split: str = "test",
+                 question_field: str = "question", answer_field: str = "answer"):
+        data_dir = check_str("data_dir", data_dir, optional=True, path=True)
+        train_file = check_str("train_file", train_file, optional=True, path=True)
+        test_file = check_str("test_file", test_file, optional=True, path=True)
+        self.dataset = check_str("dataset", dataset, optional=True, path=True)
+        self.dataset_config = check_str("dataset_config", dataset_config, optional=True)
+        self.splits = {"train": check_str("train_split", train_split),
+                       "test": check_str("test_split", test_split)}
+        self.fields = (check_str("question_field", question_field),
+                       check_str("answer_field", answer_field))
+        if test_split == train_split:
+            raise kwarg_error("test_split", f"a split other than train_split ({train_split!r})",
+                              test_split)
+        if answer_field == question_field:
+            raise kwarg_error("answer_field",
+                              f"a field other than question_field ({question_field!r})", answer_field)
+        if self.dataset is not None:
+            files = {"data_dir": data_dir, "train_file": train_file, "test_file": test_file}
+            for key, value in files.items():
+                if value is not None:
+                    raise kwarg_error(key, "null when task.kwargs.dataset is set", value)
+        else:
+            for key, value, default in (("dataset_config", dataset_config, None),
+                                        ("train_split", train_split, "train"),
+                                        ("test_split", test_split, "test")):
+                if value != default:
+                    raise kwarg_error(key, f"{default!r} (it applies to task.kwargs.dataset, which "
+                                           f"is not set)", value)
         root = Path(data_dir) if data_dir is not None else default_data_dir()
         self.files = {"train": Path(train_file) if train_file else root / "train.jsonl",
                       "test": Path(test_file) if test_file else root / "test.jsonl"}
         self._cache: dict[str, list[Example]] = {}
+        self._dataset_splits: dict[str, Any] | None = None
+
+    def _load(self, split: str) -> list[Example]:
+        if self.dataset is None:
+            return load_jsonl(self.files[split], split, self.fields)
+        if self._dataset_splits is None:
+            self._dataset_splits = load_splits(self.dataset, config=self.dataset_config)
+        name = self.splits[split]
+        rows = load_columns(self.dataset, name,
+                            {"question_field": self.fields[0], "answer_field": self.fields[1]},
+                            split_kwarg=f"{split}_split", splits=self._dataset_splits)
+        return [make_example(q, a, split, i, f"{self.dataset} [{name}] row {i}", self.fields, row=i)
+                for i, (q, a) in enumerate(rows)]
 
     def examples(self, split: str, n: int | None = None) -> list[Example]:
-        """The first ``n`` examples of ``split`` in file order (all if n is None or larger)."""
+        """The first ``n`` examples of ``split`` in source order (all if n is None or larger)."""
         if split not in SPLITS:
             raise ValueError(f"gsm8k: split must be one of {SPLITS}, got {split!r}")
+        if n is not None and (not isinstance(n, int) or n < 0):
+            raise ValueError(f"gsm8k: n must be None or an integer >= 0, got {n!r}")
         if split not in self._cache:
-            self._cache[split] = load_jsonl(self.files[split], split)
+            self._cache[split] = self._load(split)
         return list(self._cache[split][:n])
 
     def format_prompt(self, example: Example) -> str:
         return example.prompt
 
     def verify(self, example: Example, response: str) -> float:
-        """1.0 iff ``extract_answer(response)`` equals the reference number (1e-6 relative)."""
-        got = extract_answer(response)
-        return 1.0 if got is not None and numbers_match(got, example.answer) else 0.0
+        """1.0 iff the final answer of ``response`` equals the reference number according to
+        math-verify (``finegrain.tasks.answers.is_equivalent``), else 0.0. Never raises."""
+        return 1.0 if is_equivalent(example.answer, response) else 0.0
 
     def label_steps(self, example: Example, response: str) -> StepLabels:
         """Arithmetic labels per line (``label_arithmetic``); the example is not needed."""

@@ -193,19 +193,63 @@ def test_small_space_exhaustion():
         task.examples("test", 14)
 
 
+NAN, INF = float("nan"), float("inf")
+
+
+# Every numeric kwarg gets zero/negative, NaN/inf, non-integer and too-large values. The message
+# starts with the config path ``task.kwargs.<name>:`` (it used to be ``arith: <name>``), says
+# the allowed range and the value received, on one line.
 @pytest.mark.parametrize("kwargs, field", [
     ({"min_steps": 0}, "min_steps"),
-    ({"max_steps": 1}, "max_steps"),
+    ({"min_steps": -1}, "min_steps"),
+    ({"min_steps": NAN}, "min_steps"),
+    ({"min_steps": 2.0}, "min_steps"),                  # a float, even a whole one
+    ({"min_steps": True}, "min_steps"),                 # bool is not an integer here
+    ({"min_steps": 33, "max_steps": 40}, "min_steps"),
+    ({"max_steps": 1}, "max_steps"),                    # < min_steps (2)
+    ({"max_steps": INF}, "max_steps"),
+    ({"max_steps": 33}, "max_steps"),
+    ({"max_steps": "4"}, "max_steps"),
     ({"max_start": -1}, "max_start"),
+    ({"max_start": NAN}, "max_start"),
+    ({"max_start": 10_001}, "max_start"),
     ({"max_operand": 0}, "max_operand"),
-    ({"max_value": 10}, "max_value"),
+    ({"max_operand": -3}, "max_operand"),
+    ({"max_operand": INF}, "max_operand"),
+    ({"max_operand": 101}, "max_operand"),
+    ({"max_value": 10}, "max_value"),                   # < max_start (20)
+    ({"max_value": 0, "max_start": 0}, "max_value"),
+    ({"max_value": -INF}, "max_value"),
+    ({"max_value": 10**9}, "max_value"),
+    ({"seed": 1.5}, "seed"),
+    ({"seed": NAN}, "seed"),
+    ({"seed": None}, "seed"),
     ({"ops": "+/"}, "ops"),
     ({"ops": ""}, "ops"),
     ({"ops": "++"}, "ops"),
+    ({"ops": 3}, "ops"),
 ])
 def test_bad_arguments(kwargs, field):
-    with pytest.raises(ValueError, match=f"^arith: {field} "):
+    with pytest.raises(ValueError) as err:
         ArithTask(**kwargs)
+    msg = str(err.value)
+    assert msg.startswith(f"task.kwargs.{field}: expected ")
+    assert msg.endswith(f", got {kwargs[field]!r}") and "\n" not in msg
+
+
+def test_bad_argument_messages_give_the_range():
+    with pytest.raises(ValueError) as err:
+        ArithTask(min_steps=3, max_steps=2)
+    assert str(err.value) == "task.kwargs.max_steps: expected an integer in [min_steps (3), 32], got 2"
+    with pytest.raises(ValueError) as err:
+        ArithTask(max_operand=NAN)
+    assert str(err.value) == "task.kwargs.max_operand: expected an integer in [1, 100], got nan"
+
+
+def test_limits_are_accepted():
+    task = ArithTask(min_steps=32, max_steps=32, max_start=0, max_value=10_000, max_operand=100,
+                     seed=-5)
+    assert (task.min_steps, task.max_value, task.max_operand, task.seed) == (32, 10_000, 100, -5)
 
 
 def test_bad_split_and_n():

@@ -1,4 +1,7 @@
-"""GSM8KTask: answer extraction, numeric verify, arithmetic step labels, real data, file errors."""
+"""GSM8KTask: answer extraction, verify, arithmetic step labels, real data, file and kwarg errors.
+
+The answer forms math-verify handles, its fallbacks and thread safety are in test_answers.py;
+reading Hugging Face datasets is in test_hf_data.py."""
 
 import json
 from fractions import Fraction
@@ -61,15 +64,21 @@ def test_extract_answer(text, expected):
     ("The answer is 72.00 dollars", "72", 1.0),
     ("The answer is $1,234.", "1234", 1.0),
     ("Answer: 0.50", "0.5", 1.0),
-    ("#### 1000000.5", "1000000", 1.0),    # 5e-7 relative: within tolerance
-    ("#### 1000002", "1000000", 0.0),      # 2e-6 relative: outside
+    # math-verify compares rationals exactly: the old 1e-6 relative tolerance accepted
+    # 1000000.5 for 1000000, and so also off-by-one answers such as 1450001 for 1450000
+    ("#### 1000000.5", "1000000", 0.0),
+    ("#### 1450001", "1450000", 0.0),
+    ("#### 1000002", "1000000", 0.0),
+    ("#### 0.333333", "1/3", 1.0),          # floats are rounded to 6 decimals
+    ("#### 0.33", "1/3", 0.0),
     ("#### 71", "72", 0.0),
     ("#### 72", "-72", 0.0),
     ("no number at all", "72", 0.0),
     ("", "72", 0.0),
 ])
 def test_verify(response, reference, score):
-    assert GSM8KTask(data_dir="/nonexistent").verify(ex(reference), response) == score
+    got = GSM8KTask(data_dir="/nonexistent").verify(ex(reference), response)
+    assert type(got) is float and got == score
 
 
 # ---- arithmetic checks ----------------------------------------------------------------------
@@ -250,7 +259,8 @@ def test_missing_file(tmp_path):
 @pytest.mark.parametrize("bad_row, message", [
     ({"question": "q"}, "missing or non-string field 'answer'"),
     ({"answer": "#### 1"}, "missing or non-string field 'question'"),
-    ({"question": "q", "answer": 5}, "field 'answer'"),
+    ({"question": "q", "answer": ["5"]}, "field 'answer'"),   # (a JSON number is a bare answer)
+    ({"question": "q", "answer": float("nan")}, "is not a number"),
     ({"question": "q", "answer": "no marker"}, "no final '#### <number>'"),
     ("{not json", "invalid JSON"),
     ("[1, 2]", "expected a JSON object"),
@@ -277,3 +287,59 @@ def test_adversarial_text_gives_labels_not_errors(text):
     out = task.label_steps(ex("72"), text)
     assert len(out.labels) == 1
     assert task.verify(ex("72"), text) == 0.0
+
+
+# ---- constructor arguments ------------------------------------------------------------------
+
+@pytest.mark.parametrize("kwargs, field", [
+    ({"data_dir": ""}, "data_dir"),
+    ({"data_dir": 5}, "data_dir"),
+    ({"train_file": "  "}, "train_file"),
+    ({"test_file": 1.5}, "test_file"),
+    ({"dataset": ""}, "dataset"),
+    ({"dataset": 3}, "dataset"),
+    ({"dataset": "a\nb"}, "dataset"),
+    ({"dataset": "d", "dataset_config": ""}, "dataset_config"),
+    ({"dataset": "d", "train_split": ""}, "train_split"),
+    ({"dataset": "d", "test_split": None}, "test_split"),
+    ({"dataset": "d", "test_split": "train"}, "test_split"),        # same as train_split
+    ({"question_field": ""}, "question_field"),
+    ({"answer_field": 7}, "answer_field"),
+    ({"answer_field": "question"}, "answer_field"),                  # same as question_field
+    ({"dataset": "d", "data_dir": "x"}, "data_dir"),                 # files and a dataset
+    ({"dataset": "d", "test_file": "x.jsonl"}, "test_file"),
+    ({"train_split": "validation"}, "train_split"),                  # only with a dataset
+    ({"dataset_config": "main"}, "dataset_config"),
+])
+def test_bad_kwargs_name_the_field_on_one_line(kwargs, field):
+    with pytest.raises(ValueError) as err:
+        GSM8KTask(**kwargs)
+    msg = str(err.value)
+    assert msg.startswith(f"task.kwargs.{field}: expected ") and ", got " in msg
+    assert "\n" not in msg
+
+
+def test_kwarg_error_says_what_is_allowed_and_what_came():
+    with pytest.raises(ValueError) as err:
+        GSM8KTask(dataset="d", test_split="train")
+    assert str(err.value) == ("task.kwargs.test_split: expected a split other than train_split "
+                              "('train'), got 'train'")
+
+
+def test_bad_n():
+    with pytest.raises(ValueError, match="n must be"):
+        GSM8KTask(data_dir="/nonexistent").examples("test", -1)
+
+
+def test_field_mapping_for_jsonl_files(tmp_path):
+    write(tmp_path / "train.jsonl", [{"problem": "q1", "solution": "1+1=<<1+1=2>>2\n#### 2"},
+                                     {"problem": "q2", "solution": "$1,234"}])  # a bare number
+    task = GSM8KTask(data_dir=tmp_path, question_field="problem", answer_field="solution")
+    first, second = task.examples("train")
+    assert (first.prompt, first.answer, first.solution) == ("q1", "2", "1+1=2\n#### 2")
+    assert (second.prompt, second.answer, second.solution) == ("q2", "1234", "")
+    write(tmp_path / "test.jsonl", [{"problem": "q3", "solution": -12}])  # a JSON number
+    assert task.examples("test")[0].answer == "-12"
+    with pytest.raises(ValueError) as err:
+        GSM8KTask(data_dir=tmp_path, question_field="problem2", answer_field="solution").examples("train")
+    assert str(err.value) == f"gsm8k: {tmp_path / 'train.jsonl'}:1: missing or non-string field 'problem2'"
