@@ -13,12 +13,12 @@ and exactly one optimizer step on all 128 completions in one micro-batch, withou
 checkpointing (TRL's default turns it on; ``--trl-gradient-checkpointing`` keeps it).
 
 The finegrain step calls the functions ``finegrain.train.loop.train`` calls, in its order:
-``collect_batch`` (→ ``HFEngine.generate`` + the verifier pass filters need), every reward
+``collect_batch`` (→ ``Rollout.generate`` + the outcome pass filters need), every reward
 signal, ``combine``, ``compute_advantages``, ``policy_update`` and the LR scheduler step.
 The TRL step is a real ``trainer.train()``: the two sides alternate step by step inside one
 process, the finegrain step running from a ``TrainerCallback.on_step_end``. Phases:
 
-    generate  finegrain: HFEngine.generate          TRL: GRPOTrainer._generate
+    generate  finegrain: Rollout.generate           TRL: GRPOTrainer._generate
     score     finegrain: verifier(s) + combine +     TRL: rest of _generate_and_score_completions
               compute_advantages (+ collect_batch    (padding, rewards, advantages, metrics)
               bookkeeping)
@@ -74,33 +74,16 @@ def _load_policy(cfg, task, init: str):
 
 
 class FinegrainSide:
-    """The demo's RL step, built and run the way ``finegrain.train.loop.train`` does."""
+    """The demo's RL step: the trainer's own stages (``finegrain.train.stages``) in the loop's order."""
 
     def __init__(self, cfg, task, model, tok):
-        from finegrain.config import FilterSpec, from_dict
-        from finegrain.filters import FILTERS
-        from finegrain.rewards import REWARDS
-        from finegrain.rollout import ROLLOUT_ENGINES
-        from finegrain.train.loop import RewardContext, check_levels, frozen_copy, make_schedule
+        from finegrain.train.stages import build_run
 
         self.cfg, self.task, self.policy = cfg, task, model
-        self.engine = ROLLOUT_ENGINES.get(cfg.rollout.engine)(model, tok, segmenter=task.segmenter,
-                                                                max_batch=cfg.rollout.max_batch,
-                                                                use_chat_template=cfg.model.use_chat_template)
-        ctx = RewardContext(cfg, task, tok, model, lambda: frozen_copy(model))
-        self.signals = {r.name: REWARDS.get(r.name).from_context(ctx, **r.kwargs) for r in cfg.rewards}
-        self.weights = {r.name: r.weight for r in cfg.rewards}
-        check_levels(cfg, self.signals)
-        self.filters = []
-        for f in cfg.filters.filters:
-            spec = from_dict(FilterSpec, f, "filters.filters") if isinstance(f, dict) else f
-            self.filters.append((spec.name, FILTERS.get(spec.name), spec.kwargs))
-        self.optimizer = torch.optim.AdamW(model.parameters(), lr=cfg.optim.lr, weight_decay=cfg.optim.weight_decay,
-                                           betas=tuple(cfg.optim.betas))
-        self.scheduler = make_schedule(self.optimizer, cfg)
-        self.shuffle_gen = torch.Generator()
+        self.run = build_run(cfg, task, lambda m: print(m, file=sys.stderr), policy=(model, tok, {}))
+        self.engine = self.run.engine
         self.pool = task.examples("train")
-        # time HFEngine.generate inside collect_batch, and record the prompts it was given
+        # time Rollout.generate inside collect_batch, and record the prompts it was given
         self._gen_seconds, self._gen_cpu, self._gen_examples = 0.0, 0.0, []
         inner = self.engine.generate
 
@@ -116,47 +99,43 @@ class FinegrainSide:
 
     def prompts_for(self, step: int) -> list:
         """The examples collect_batch draws at ``step`` (first round)."""
-        from finegrain.train.loop import pick_prompts
+        from finegrain.train.stages import pick_prompts
 
         n = math.ceil(self.cfg.rollout.prompts_per_step * self.cfg.filters.oversample)
         return pick_prompts(self.pool, n, self.cfg.train.seed, step, stream=0)
 
     def step(self, step: int) -> dict:
-        from finegrain.rewards.combine import combine
-        from finegrain.rollout import sample_seed
-        from finegrain.train.loop import collect_batch, compute_advantages
-        from finegrain.train.update import policy_update
+        from finegrain.train.stages import (collect_batch, compute_advantages, score_batch, update_policy,
+                                            update_reward_models)
 
-        cfg = self.cfg
+        cfg, run = self.cfg, self.run
         self._gen_seconds, self._gen_cpu, self._gen_examples = 0.0, 0.0, []
         t0, c0 = time.perf_counter(), time.process_time()
-        traj, fmetrics = collect_batch(cfg, self.engine, self.pool, self.signals, self.filters, step)
+        traj, pre_scored, fmetrics = collect_batch(cfg, run.engine, self.pool, run.signals, run.filters, step,
+                                                   outcome=run.outcome)
         if traj is None:  # every group filtered out: the loop skips the update (and steps the scheduler)
-            self.scheduler.step()
+            run.scheduler.step()
             t = time.perf_counter() - t0
             return {"generate": self._gen_seconds, "score": t - self._gen_seconds, "update": 0.0, "total": t,
                     "cpu_generate": self._gen_cpu, "cpu_score": time.process_time() - c0 - self._gen_cpu,
                     "cpu_update": 0.0, "cpu_total": time.process_time() - c0, "rows": 0, "response_width": 0,
                     "mean_response_tokens": float("nan"), "reward_mean": float("nan"),
                     "generated_rows": fmetrics["generated_prompts"] * cfg.rollout.group_size, "prompts": []}
-        outputs = {n: s(traj) for n, s in self.signals.items()}
-        per_source = combine(outputs, self.weights, traj)
-        advantages = compute_advantages(cfg, per_source, traj)
+        update_reward_models(run, traj, "before")
+        scored = score_batch(run, traj, pre_scored, step)
+        advantages = compute_advantages(cfg, scored.per_source, traj)
         t2, c2 = time.perf_counter(), time.process_time()
-        self.shuffle_gen.manual_seed(sample_seed(cfg.train.seed, step, 99))
-        policy_update(self.policy, self.optimizer, traj, advantages, old_logprobs=None, ref_logprobs=None,
-                      loss_cfg=cfg.loss, ppo_epochs=cfg.train.ppo_epochs, minibatches=cfg.train.minibatches,
-                      grad_accum=cfg.train.grad_accum, temperature=cfg.rollout.temperature,
-                      grad_clip=cfg.optim.grad_clip, max_new_tokens=cfg.rollout.max_new_tokens,
-                      generator=self.shuffle_gen)
-        self.scheduler.step()
+        update_policy(run, traj, advantages, scored, step)
+        update_reward_models(run, traj, "after")
+        run.scheduler.step()
         t3, c3 = time.perf_counter(), time.process_time()
         gen, gen_cpu = self._gen_seconds, self._gen_cpu
+        outcome = scored.outputs.get(run.outcome) if run.outcome else None
         return {"generate": gen, "score": t2 - t0 - gen, "update": t3 - t2, "total": t3 - t0,
                 "cpu_generate": gen_cpu, "cpu_score": c2 - c0 - gen_cpu, "cpu_update": c3 - c2, "cpu_total": c3 - c0,
                 "rows": traj.batch_size, "response_width": traj.response_ids.shape[1],
                 "mean_response_tokens": float(traj.response_mask.sum(1).float().mean()),
-                "reward_mean": float(outputs["verifier"].values.mean()) if "verifier" in outputs else float("nan"),
+                "reward_mean": float(outcome.values.mean()) if outcome is not None else float("nan"),
                 "generated_rows": fmetrics["generated_prompts"] * cfg.rollout.group_size,
                 "prompts": sorted(e.prompt for e in self._gen_examples)}
 

@@ -109,6 +109,9 @@ class FilterConfig:
     filters: list = _f([], "Filters applied in order to each rollout batch: a list of {name, kwargs}.")
     oversample: float = _f(1.0, "Generate this many times prompts_per_step prompts, then keep the first groups "
                                 "that pass.", range="[1, 100]")
+    outcome: str = _f("", "Reward signal whose outcome values the filters judge groups by (its 'accuracy' "
+                          "component is logged as filter/sampled_accuracy); '' = the first outcome-level signal "
+                          "in rewards.")
     max_refills: int = _f(2, "Extra generate rounds when too few groups pass; after them the batch may be smaller.", range="[0, inf)")
 
 
@@ -431,6 +434,7 @@ def validate(cfg: RunConfig) -> None:
         if spec.name == "accuracy_band" and lo is not None and hi is not None and lo > hi:
             raise ValueError(f"filters.filters[{i}].kwargs: low ({lo}) must be ≤ high ({hi})")
     check_levels(cfg)
+    _check_outcome(cfg)
     _choice("loss.name", cfg.loss.name, POLICY_LOSSES.names())
     POLICY_LOSSES.check_kwargs(cfg.loss.name, cfg.loss.kwargs, "loss.kwargs")
     _choice("loss.aggregation", cfg.loss.aggregation, AGGREGATIONS.names())
@@ -446,6 +450,20 @@ def validate(cfg: RunConfig) -> None:
     if B % (cfg.train.minibatches * cfg.train.grad_accum):
         raise ValueError(f"train.minibatches × train.grad_accum = {cfg.train.minibatches * cfg.train.grad_accum} "
                          f"must divide the batch of prompts_per_step × group_size = {B} rows")
+
+
+def _check_outcome(cfg: RunConfig) -> None:
+    """Filters need an outcome-level signal to judge groups by: the declared one, or the first."""
+    from finegrain.rewards.base import level_of
+
+    outcome = [r.name for r in cfg.rewards if level_of(r.name, r.kwargs) == "outcome"]
+    if cfg.filters.outcome:
+        if cfg.filters.outcome not in outcome:
+            raise ValueError(f"filters.outcome: '{cfg.filters.outcome}' is not an outcome-level signal in rewards; "
+                             f"those are: {', '.join(outcome) or '(none)'}")
+    elif cfg.filters.filters and not outcome:
+        raise ValueError("filters.filters: filters judge groups by an outcome, but no reward signal is outcome-level; "
+                         "add one (e.g. verifier) or remove the filters")
 
 
 def check_levels(cfg: RunConfig) -> None:

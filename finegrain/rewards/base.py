@@ -15,7 +15,7 @@ Level = Literal["outcome", "turn", "step", "token"]
 LEVELS: tuple[str, ...] = ("outcome", "turn", "step", "token")
 
 # Reward signals are classes (they may hold models); entries are constructed as
-# ``REWARDS.get(name).from_context(ctx, **kwargs)`` where ctx is a ``train.loop.RewardContext``
+# ``REWARDS.get(name).from_context(ctx, **kwargs)`` where ctx is a ``train.stages.RewardContext``
 # (task, tokenizer, policy, config); ``kwargs`` come from ``rewards[i].kwargs``.
 REWARDS = Registry("reward signal")
 
@@ -52,6 +52,11 @@ class RewardSignal(Protocol):
     level: Level
 
     def __call__(self, traj) -> RewardOutput: ...
+
+
+def level_of(name: str, kwargs: dict | None = None) -> str:
+    """The level a configured signal gives: its kwargs' ``level`` if set, else its registry level."""
+    return (kwargs or {}).get("level", REWARDS.meta(name)["level"])
 
 
 def level_rank(level: str) -> int:

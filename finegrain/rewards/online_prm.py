@@ -30,7 +30,8 @@ from finegrain.train.checkpoint import load_weights_into
 from finegrain.train.guards import check_finite, clip_and_step
 
 
-@REWARDS.register("implicit_prm", level="token", levels=("token", "step"), bounds={"micro_batch": "[1, inf)"})  # kwargs.level overrides
+@REWARDS.register("implicit_prm", level="token", levels=("token", "step"), bounds={"micro_batch": "[1, inf)"},
+                  trainable=True)  # kwargs.level overrides
 class OnlineImplicitPRM(ImplicitPRM):
     """ImplicitPRM plus its own optimizer and online update.
 
@@ -55,7 +56,6 @@ class OnlineImplicitPRM(ImplicitPRM):
         self.task, self.update_mode, self.loss_name, self.grad_clip, self.norm = task, update, loss, grad_clip, norm
         self.optimizer = torch.optim.AdamW(prm_model.parameters(), lr=lr, weight_decay=0.0)
         self._pending = None
-        self._last_metrics: dict = {}
 
     @classmethod
     def from_context(cls, ctx, *, level: str = "token", granularity: str = "token", micro_batch: int | None = None,
@@ -93,30 +93,39 @@ class OnlineImplicitPRM(ImplicitPRM):
             out.values = prime_batch_norm(out.values, out.mask)
         return out
 
+    @property
+    def update_when(self) -> str | None:
+        """When the trainer calls ``update``: 'before' scoring, 'after' the policy update, or never."""
+        return {"after": "after", "before": "before", "none": None}[self.update_mode]
+
     def __call__(self, traj) -> RewardOutput:
+        """Score the batch; never takes an optimizer step (that is ``update``, a stage of the loop).
+        In 'after' mode the forward keeps its graph so ``update`` reuses it."""
         self.prm_model.train()
         if self.update_mode == "after":
             prm_lp, ref_lp = self.logprobs(traj, grad=True)  # (B, L) each; graph kept for update()
             self._pending = (prm_lp, ref_lp, traj)
             return self._output((prm_lp.detach() - ref_lp), traj)
-        if self.update_mode == "before":
-            prm_lp, ref_lp = self.logprobs(traj, grad=True)
-            loss, metrics = self._loss(prm_lp, ref_lp, traj)
-            gnorm = self._step(loss)
-            self._last_metrics = {"prm_loss": loss.detach(), "prm_grad_norm": gnorm, **metrics}
         return self._output(self.log_ratio(traj), traj)
 
     def update(self, traj) -> dict:
-        """The 'after' step on the forward kept by __call__; returns metrics (plain keys)."""
-        if self.update_mode != "after":
-            m, self._last_metrics = self._last_metrics, {}
-            return m
-        prm_lp, ref_lp, scored = self._pending
-        if scored is not traj:
-            raise RuntimeError("implicit_prm.update: called on a batch it did not score")
+        """One PRM optimizer step on ``traj``; returns metrics (plain keys).
+
+        'before': a fresh forward on the batch about to be scored. 'after': the forward kept by
+        ``__call__`` on this same batch (refused for another batch).
+        """
+        self.prm_model.train()
+        if self.update_mode == "before":
+            prm_lp, ref_lp = self.logprobs(traj, grad=True)
+        elif self.update_mode == "after":
+            if self._pending is None or self._pending[2] is not traj:
+                raise RuntimeError("implicit_prm.update: called on a batch it did not score")
+            prm_lp, ref_lp, _ = self._pending
+            self._pending = None
+        else:
+            return {}
         loss, metrics = self._loss(prm_lp, ref_lp, traj)
         gnorm = self._step(loss)
-        self._pending = None
         return {"prm_loss": loss.detach(), "prm_grad_norm": gnorm, **metrics}
 
     def state_dict_for_checkpoint(self):

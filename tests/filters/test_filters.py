@@ -5,7 +5,7 @@ import torch
 from finegrain.config import load_config
 from finegrain.filters import FILTERS
 from finegrain.tasks.base import Example
-from finegrain.train.loop import collect_batch
+from finegrain.train.stages import collect_batch
 from finegrain.trajectory import Trajectory
 
 
@@ -115,3 +115,48 @@ def test_refill_gives_up_after_max_refills():
     traj, _, metrics = collect_batch(cfg, engine, pool, {"verifier": Verifier()},
                                   [("accuracy_band", FILTERS.get("accuracy_band"), {})], step=0)
     assert traj is None and engine.calls == 3
+
+
+class TruncatingEngine(ScriptedEngine):
+    """Rows whose scripted outcome is 0 come back truncated."""
+
+    def generate(self, examples, n, sampling, seed, group_offset=0):
+        t = super().generate(examples, n, sampling, seed, group_offset)
+        return t.replace(truncated=torch.tensor([s.startswith("0") for s in t.response_texts]))
+
+
+def test_a_row_filter_drops_rows_not_only_groups():
+    """truncated(mode='drop') keeps a per-row mask; the batch used to keep whole groups with any
+    kept row, so it dropped nothing."""
+    pool = [Example(id=f"e{i}", prompt="p", answer="1") for i in range(4)]
+    script = {f"e{i}": [1, 0, 1, 1] for i in range(4)}
+    cfg = load_config(None, ["rollout.prompts_per_step=4", "rollout.group_size=4",
+                             "filters.filters=[{name: truncated, kwargs: {mode: drop}}]"])
+    traj, pre, metrics = collect_batch(cfg, TruncatingEngine(script), pool, {"verifier": Verifier()},
+                                       [("truncated", FILTERS.get("truncated"), {"mode": "drop"})], step=0)
+    assert traj.batch_size == 12 and not traj.truncated.any() and metrics["kept_prompts"] == 4
+    assert pre["verifier"].values.tolist() == [1.0] * 12
+    assert all(s.startswith("1") for s in traj.response_texts)
+
+
+def test_the_outcome_signal_is_declared_not_found_by_name():
+    """Filters read the configured outcome signal; with none named 'verifier' they used to see all
+    zeros and drop every group."""
+    pool = [Example(id=f"e{i}", prompt="p", answer="1") for i in range(4)]
+    script = {f"e{i}": [1, 0, 1, 0] for i in range(4)}
+    cfg = load_config(None, ["rollout.prompts_per_step=4", "rollout.group_size=4",
+                             "filters.filters=[{name: accuracy_band}]"])
+    traj, pre, metrics = collect_batch(cfg, ScriptedEngine(script), pool, {"judge": Verifier()},
+                                       [("accuracy_band", FILTERS.get("accuracy_band"), {})], step=0, outcome="judge")
+    assert traj is not None and traj.batch_size == 16 and list(pre) == ["judge"]
+    assert metrics["sampled_accuracy"] == 0.5
+
+
+def test_filters_without_an_outcome_level_signal_are_refused():
+    import pytest
+
+    with pytest.raises(ValueError, match="^filters.filters: filters judge groups by an outcome"):
+        load_config(None, ["rewards=[{name: implicit_prm}]", "advantage.name=prime_rloo",
+                           "filters.filters=[{name: zero_variance}]"])
+    with pytest.raises(ValueError, match="^filters.outcome: 'overlong' is not an outcome-level signal in rewards"):
+        load_config(None, ["filters.outcome=overlong"])

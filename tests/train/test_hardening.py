@@ -239,9 +239,9 @@ def test_lock_file_left_by_a_dead_process_is_taken(tmp_path):
 # ---- 7. unbounded work is refused before it starts
 
 def test_prompts_per_step_beyond_the_pool_is_refused_before_loading(tmp_path, sft_cache, monkeypatch):
-    import finegrain.train.loop as loop
+    import finegrain.train.stages as stages
 
-    monkeypatch.setattr(loop, "build_policy", lambda *a: pytest.fail("model loaded before the check"))
+    monkeypatch.setattr(stages, "build_policy", lambda *a: pytest.fail("model loaded before the check"))
     cfg = make_cfg("grpo", tmp_path / "big", sft_cache, **{"rollout.prompts_per_step": 10_000_000})
     with pytest.raises(ValueError, match=r"^rollout.prompts_per_step: 10000000 exceeds the \d+ training problems"):
         train(cfg, log=quiet)

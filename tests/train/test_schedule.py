@@ -4,7 +4,7 @@ import pytest
 import torch
 
 from finegrain.config import load_config
-from finegrain.train.loop import make_schedule, pick_prompts
+from finegrain.train.stages import make_schedule, pick_prompts
 
 
 @pytest.mark.parametrize("schedule,warmup,expected", [

@@ -36,9 +36,9 @@ def test_wandb_project_without_the_package_is_one_clear_error(tmp_path, sft_cach
         return real_import(name, *a, **k)
 
     monkeypatch.setattr(builtins, "__import__", no_wandb)
-    import finegrain.train.loop as loop
+    import finegrain.train.stages as stages
 
-    monkeypatch.setattr(loop, "build_policy", lambda *a: pytest.fail("model loaded before the check"))
+    monkeypatch.setattr(stages, "build_policy", lambda *a: pytest.fail("model loaded before the check"))
     cfg = make_cfg("grpo", tmp_path / "nw", sft_cache, **{"train.steps": 1, "train.wandb_project": "p"})
     with pytest.raises(ImportError, match=r"pip install 'finegrain\[wandb\]'"):
         train(cfg, log=lambda s: None)
