@@ -29,7 +29,7 @@ import torch
 def demo_policy():
     """(model, tokenizer, cached directory) of the demo SFT model, trained on first use."""
     from finegrain.cli.main import demo_config
-    from finegrain.models.load import warm_started_tiny
+    from finegrain.train.sft import warm_started_tiny
     from finegrain.tasks import TASKS
 
     cfg = demo_config("grpo")

@@ -145,7 +145,8 @@ def main(argv=None) -> None:
     from transformers import AutoModelForCausalLM
 
     from finegrain.config import load_config
-    from finegrain.models.load import load_tokenizer, warm_started_tiny
+    from finegrain.models.load import load_tokenizer
+    from finegrain.train.sft import warm_started_tiny
     from finegrain.tasks import TASKS
     from finegrain.train.checkpoint import latest_checkpoint
 

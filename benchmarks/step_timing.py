@@ -57,7 +57,7 @@ PHASES = ("generate", "score", "update", "total")
 def _load_policy(cfg, task, init: str):
     """(model, tokenizer, description): the demo's SFT warm-started model, or the same
     architecture and tokenizer with random weights."""
-    from finegrain.models.load import warm_started_tiny
+    from finegrain.train.sft import warm_started_tiny
 
     if init == "sft":
         model, tok, info = warm_started_tiny(task, cfg.task.kwargs, cfg.model, cfg.sft,

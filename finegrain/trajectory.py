@@ -37,6 +37,8 @@ class Trajectory:
                                         they answer.
         turn_rewards      (B, T) float  the environment's reward of each turn (0 where masked)
         turn_reward_mask  (B, T) bool   True = the environment gave turn k a reward
+        turn_info         B lists, one dict per turn: what the environment reported about it
+                          (``Observation.metadata``: tool name and arguments, errors, ...)
     Batches from ``finegrain.envs.build_trajectory`` always carry the turn fields.
     """
 
@@ -52,6 +54,7 @@ class Trajectory:
     prompt_texts: list[str] = field(default_factory=list)
     response_texts: list[str] = field(default_factory=list)
     examples: list[Any] = field(default_factory=list)
+    turn_info: list[Any] = field(default_factory=list)
     turn_ids: torch.Tensor | None = None
     turn_rewards: torch.Tensor | None = None
     turn_reward_mask: torch.Tensor | None = None
@@ -78,7 +81,7 @@ class Trajectory:
         if self.turn_reward_mask is not None:
             check_mask("turn_reward_mask", self.turn_reward_mask)
         B = self.prompt_ids.shape[0]
-        for name in ("prompt_texts", "response_texts", "examples"):
+        for name in ("prompt_texts", "response_texts", "examples", "turn_info"):
             n = len(getattr(self, name))
             if n not in (0, B):
                 raise ValueError(f"Trajectory.{name}: expected {B} entries, got {n}")
@@ -154,6 +157,8 @@ def concat(trajs: Sequence[Trajectory], pad_token_id: int) -> Trajectory:
         prompt_texts=[s for t in trajs for s in t.prompt_texts],
         response_texts=[s for t in trajs for s in t.response_texts],
         examples=[e for t in trajs for e in t.examples],
+        turn_info=[i for t in trajs for i in (t.turn_info or [[] for _ in range(t.batch_size)])]
+        if any(t.turn_info for t in trajs) else [],
         **_concat_turns(trajs, L, padr),
     )
 

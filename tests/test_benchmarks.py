@@ -28,7 +28,7 @@ def test_every_benchmark_imports(name):
 
 @pytest.mark.parametrize("method", ["grpo", "prime"])
 def test_step_timing_runs_the_trainers_stages(tmp_path, sft_cache, method):
-    from finegrain.models.load import warm_started_tiny
+    from finegrain.train.sft import warm_started_tiny
     from finegrain.tasks import TASKS
 
     bench = load("step_timing")

@@ -133,7 +133,7 @@ def main(argv: list[str] | None = None) -> None:
         print(yaml.safe_dump(to_dict(cfg), sort_keys=False))
         return
     if args.cmd == "sft":
-        from finegrain.models.load import warm_started_tiny
+        from finegrain.train.sft import warm_started_tiny
         from finegrain.tasks import TASKS
 
         from transformers.utils import logging as hf_logging
@@ -148,7 +148,7 @@ def main(argv: list[str] | None = None) -> None:
     from finegrain.train.loop import train
 
     hf_logging.disable_progress_bar()  # per-file "Loading weights" bars drown the run's own progress
-    from finegrain.train.lock import RunLocked
+    from finegrain.lock import RunLocked
 
     try:
         report = train(cfg)

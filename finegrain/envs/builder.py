@@ -65,6 +65,6 @@ def build_trajectory(episodes: Sequence[Episode], tokenizer, segmenter: str, dev
         behavior_logprobs=logprobs, truncated=torch.tensor([e.truncated for e in episodes], dtype=torch.bool),
         prompt_texts=[e.prompt_text for e in episodes],
         response_texts=tokenizer.batch_decode(response_ids, skip_special_tokens=True),
-        examples=[e.example for e in episodes], turn_ids=turn_ids, turn_rewards=turn_rewards,
+        examples=[e.example for e in episodes], turn_info=[list(e.turn_metadata) for e in episodes], turn_ids=turn_ids, turn_rewards=turn_rewards,
         turn_reward_mask=turn_reward_mask)
     return traj.to(device) if device is not None else traj

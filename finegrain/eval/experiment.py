@@ -247,7 +247,7 @@ def run_eval(model, tokenizer, task, examples, *, out_dir: str | Path, scorers: 
     timing = {"generate_s": 0.0, "score_s": {n: 0.0 for n in scorers}, "records_s": 0.0}
     records: list[SampleRecord] = []
     counter: dict[int, int] = {}
-    from finegrain.train.progress import Progress
+    from finegrain.progress import Progress
 
     with Progress("sample + score", total=len(examples), enabled=progress) as bar:
         for c, start in enumerate(range(0, len(examples), chunk_problems)):

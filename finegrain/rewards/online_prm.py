@@ -26,8 +26,8 @@ from finegrain.credit.prime import prime_batch_norm
 from finegrain.losses.prm import implicit_prm_ce_loss, implicit_prm_dpo_loss
 from finegrain.rewards.base import REWARDS, RewardOutput
 from finegrain.rewards.implicit_prm import ImplicitPRM
-from finegrain.train.checkpoint import load_weights_into
-from finegrain.train.guards import check_finite, clip_and_step
+from finegrain.models.load import load_weights_into
+from finegrain.guards import check_finite, clip_and_step
 
 
 @REWARDS.register("implicit_prm", level="token", levels=("token", "step"), bounds={"micro_batch": "[1, inf)"},

@@ -28,6 +28,8 @@ from pathlib import Path
 
 import torch
 
+from finegrain.models.load import load_weights_into  # noqa: F401  (re-exported for the trainer)
+
 _NAME = re.compile(r"step_(\d{6,})")
 STATE_FILE = "state.pt"
 
@@ -159,20 +161,3 @@ def load_state(ck: Path) -> dict:
     if state is None:
         raise ValueError(f"checkpoint {ck}: {why}")
     return state
-
-
-def load_weights_into(model, directory: Path) -> None:
-    """Copy saved safetensors weights into an existing model (keeps device and dtype)."""
-    from safetensors.torch import load_file
-
-    files = sorted(Path(directory).glob("*.safetensors"))
-    if not files:
-        raise FileNotFoundError(f"checkpoint {directory}: no *.safetensors file")
-    sd = {}
-    for f in files:
-        sd.update(load_file(str(f)))
-    missing, unexpected = model.load_state_dict(sd, strict=False)
-    # tied embeddings are saved once; lm_head.weight is then legitimately missing
-    missing = [m for m in missing if m != "lm_head.weight"]
-    if missing or unexpected:
-        raise RuntimeError(f"checkpoint {directory}: missing {missing[:3]}, unexpected {unexpected[:3]}")

@@ -23,10 +23,10 @@ from finegrain.eval.runner import evaluate
 from finegrain.masked import masked_mean
 from finegrain.train import rundir
 from finegrain.train.checkpoint import load_weights_into, save_checkpoint
-from finegrain.train.guards import check_finite
-from finegrain.train.lock import RunLock
+from finegrain.guards import check_finite
+from finegrain.lock import RunLock
 from finegrain.train.logging import RunLogger, prefixed, read_log, require_wandb, wandb_settings
-from finegrain.train.progress import Progress
+from finegrain.progress import Progress
 from finegrain.train.stages import (build_run, collect_batch, compute_advantages, score_batch, task_for, update_policy,
                                     update_reward_models)
 

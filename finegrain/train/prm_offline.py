@@ -40,9 +40,9 @@ from finegrain.rewards.implicit_prm import STEP_SCORE_AGGREGATIONS, ImplicitPRM,
 from finegrain.rewards.prm_data import PRMRow, group_index, labels_tensor, to_trajectory
 from finegrain.segment import SEGMENTERS, Spans, token_char_offsets
 from finegrain.train.checkpoint import find_checkpoint, load_weights_into, save_checkpoint
-from finegrain.train.guards import check_finite, clip_and_step
-from finegrain.train.lock import RunLock
-from finegrain.train.progress import Progress
+from finegrain.guards import check_finite, clip_and_step
+from finegrain.lock import RunLock
+from finegrain.progress import Progress
 
 LOSSES = ("ce", "dpo")
 METRICS_FILE = "prm_metrics.jsonl"

@@ -1,4 +1,5 @@
-"""Supervised warm start: next-token cross-entropy on (prompt, worked solution) pairs.
+"""Supervised warm start: next-token cross-entropy on (prompt, worked solution) pairs, and the
+cached tiny model trained from scratch that way (``warm_started_tiny``).
 
 The loss covers the solution tokens and the final EOS only (the prompt is context), averaged
 over all such tokens of the batch.
@@ -6,14 +7,23 @@ over all such tokens of the batch.
 
 from __future__ import annotations
 
+import hashlib
+import json
 import math
+import os
 import random
 import time
+from pathlib import Path
 from typing import Callable
 
 import torch
 
+from finegrain.lock import RunLock
+from finegrain.models.load import load_causal_lm, load_tokenizer, resolve_device
 from finegrain.models.logprobs import response_logits
+from finegrain.models.tiny import tiny_causal_lm
+from finegrain.models.tokenizer import char_tokenizer
+from finegrain.progress import Progress
 
 
 def encode_pairs(tokenizer, prompts: list[str], solutions: list[str]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -79,3 +89,48 @@ def run_sft(model, tokenizer, pairs: list[tuple[str, str]], *, epochs: int, batc
                 progress(step, total, ema)
     model.eval()
     return {"sft/loss": ema, "sft/steps": step, "sft/seconds": time.time() - t0}
+
+
+def sft_cache_key(payload: dict) -> str:
+    return hashlib.sha1(json.dumps(payload, sort_keys=True).encode()).hexdigest()[:12]
+
+
+def warm_started_tiny(task, task_kwargs: dict, model_cfg, sft_cfg, log=print):
+    """A tiny model for ``task`` trained from scratch on the task's worked solutions, cached on disk.
+
+    The cache key hashes the task, model and SFT settings, so any change retrains; a second call
+    with the same settings loads the saved directory. Returns (model, tokenizer, info dict).
+    """
+    payload = {"task": task.name, "task_kwargs": task_kwargs, "family": model_cfg.family,
+               "size": model_cfg.size, "sft": {k: v for k, v in vars(sft_cfg).items() if k != "cache_dir"}, "v": 1}
+    cache = Path(os.environ.get("FINEGRAIN_CACHE", sft_cfg.cache_dir)) / f"sft-{task.name}-{sft_cache_key(payload)}"
+    device = resolve_device(model_cfg.device)
+    with RunLock(cache, wait=True):  # two runs wanting the same cache: one builds it, the other waits
+        if (cache / "done.json").exists():
+            tok = load_tokenizer(cache)
+            model = load_causal_lm(str(cache), model_cfg.dtype, model_cfg.device, where="sft cache")
+            info = json.loads((cache / "done.json").read_text())
+            log(f"loaded warm-started model from cache {cache}")
+            return model, tok, {**info, "cached": True, "path": str(cache)}
+        if hasattr(task, "sft_corpus"):
+            corpus = task.sft_corpus(sft_cfg.n_examples, sft_cfg.flawed_fraction, sft_cfg.seed)
+        else:  # a task without flawed solutions: its gold worked solutions
+            corpus = [(ex, ex.solution) for ex in task.examples("train", sft_cfg.n_examples) if ex.solution]
+            if not corpus:
+                raise ValueError(f"task '{task.name}': no worked solutions to warm-start a tiny model; set model.path")
+            if sft_cfg.flawed_fraction > 0:
+                log(f"task '{task.name}' has no flawed solutions; sft.flawed_fraction is ignored")
+        pairs = [(task.format_prompt(ex), sol) for ex, sol in corpus]
+        alphabet = sorted(set("".join(p + s for p, s in pairs)) | set("0123456789"))
+        tok = char_tokenizer(alphabet)
+        model = tiny_causal_lm(tok, family=model_cfg.family, size=model_cfg.size, seed=sft_cfg.seed).to(device)
+        with Progress("SFT warm start", total=None) as bar:
+            info = run_sft(model, tok, pairs, epochs=sft_cfg.epochs, batch_size=sft_cfg.batch_size, lr=sft_cfg.lr,
+                           warmup_steps=sft_cfg.warmup_steps, seed=sft_cfg.seed,
+                           progress=lambda s, n, l: bar.update(s, n, f"loss {l:.3f}"))
+        cache.mkdir(parents=True, exist_ok=True)
+        model.save_pretrained(cache)
+        tok.save_pretrained(cache)
+        (cache / "done.json").write_text(json.dumps(info))
+        log(f"SFT done in {info['sft/seconds']:.0f}s (loss {info['sft/loss']:.3f}); cached at {cache}")
+        return model, tok, {**info, "cached": False, "path": str(cache)}

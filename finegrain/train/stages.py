@@ -25,13 +25,14 @@ from finegrain.credit.combine import combine_source_advantages
 from finegrain.envs import Rollout
 from finegrain.filters import FILTERS
 from finegrain.losses import KL_ESTIMATORS
-from finegrain.models.load import load_pretrained, warm_started_tiny
+from finegrain.models.load import load_pretrained
+from finegrain.train.sft import warm_started_tiny
 from finegrain.rewards import REWARDS
 from finegrain.rewards.base import RewardOutput, cat_outputs, level_of, select_output
 from finegrain.rewards.combine import combine, total
 from finegrain.sampling import SAMPLERS, SamplingParams, sample_seed
 from finegrain.tasks import TASKS
-from finegrain.train.guards import check_finite
+from finegrain.guards import check_finite
 from finegrain.train.update import batch_logprobs, policy_update
 from finegrain.trajectory import Trajectory, concat
 
@@ -230,16 +231,24 @@ def score_batch(run: Run, traj: Trajectory, pre_scored: dict[str, RewardOutput],
     return Scored(outputs, per_source, old_logprobs, ref_logprobs)
 
 
+def segments_for(name: str, traj: Trajectory) -> torch.Tensor:
+    """The segment ids an estimator reads as its 4th argument: ``traj.turns`` for estimators
+    registered with ``segments="turn"``, else the step ids."""
+    return traj.turns if ADVANTAGES.meta(name).get("segments") == "turn" else traj.step_ids
+
+
 def compute_advantages(cfg: RunConfig, per_source: dict[str, torch.Tensor], traj: Trajectory) -> torch.Tensor:
     """One estimator on the summed token rewards, or one per source, summed with coefficients."""
     if not cfg.advantage.per_source:
         est = ADVANTAGES.get(cfg.advantage.name)
-        adv = est(total(per_source), traj.loss_mask, traj.group_ids, traj.step_ids, **cfg.advantage.kwargs)
+        adv = est(total(per_source), traj.loss_mask, traj.group_ids, segments_for(cfg.advantage.name, traj),
+                  **cfg.advantage.kwargs)
         return combine_source_advantages({"all": adv}, {"all": 1.0}, traj.loss_mask, whiten=cfg.advantage.whiten)
     advs, coefs = {}, {}
     for src, r in per_source.items():
         spec = from_dict(SourceCredit, cfg.advantage.per_source[src], f"advantage.per_source.{src}")
-        advs[src] = ADVANTAGES.get(spec.name)(r, traj.loss_mask, traj.group_ids, traj.step_ids, **spec.kwargs)
+        advs[src] = ADVANTAGES.get(spec.name)(r, traj.loss_mask, traj.group_ids, segments_for(spec.name, traj),
+                                              **spec.kwargs)
         coefs[src] = spec.coef
     return combine_source_advantages(advs, coefs, traj.loss_mask, whiten=cfg.advantage.whiten)
 

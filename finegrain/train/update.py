@@ -8,7 +8,7 @@ from finegrain.losses import AGGREGATIONS, KL_ESTIMATORS, POLICY_LOSSES
 from finegrain.losses.entropy import entropy_from_logits
 from finegrain.masked import masked_mean
 from finegrain.models.logprobs import logprobs_from_logits, response_logits
-from finegrain.train.guards import check_finite, clip_and_step
+from finegrain.guards import check_finite, clip_and_step
 from finegrain.trajectory import Trajectory
 
 

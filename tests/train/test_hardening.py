@@ -14,8 +14,8 @@ import pytest
 import torch
 
 from finegrain.train.checkpoint import find_checkpoint, save_checkpoint
-from finegrain.train.guards import NonFiniteError, clip_and_step
-from finegrain.train.lock import RunLock, RunLocked
+from finegrain.guards import NonFiniteError, clip_and_step
+from finegrain.lock import RunLock, RunLocked
 from finegrain.train.logging import read_log
 from finegrain.train.loop import train
 from tests.train.test_loop_e2e import losses, make_cfg
@@ -213,7 +213,7 @@ def test_second_run_into_a_locked_directory_is_refused_naming_the_holder(tmp_pat
     cfg = make_cfg("grpo", tmp_path / "l", sft_cache, **{"train.steps": 1})
     holder = subprocess.Popen([sys.executable, "-c", textwrap.dedent(f"""
         import sys, time
-        from finegrain.train.lock import RunLock
+        from finegrain.lock import RunLock
         with RunLock({str(tmp_path / 'l')!r}):
             print("locked", flush=True)
             time.sleep(60)
@@ -358,7 +358,7 @@ def test_a_waiting_lock_blocks_until_the_holder_is_done(tmp_path):
     """The SFT cache uses RunLock(wait=True): a second run waits for the first to build it."""
     holder = subprocess.Popen([sys.executable, "-c", textwrap.dedent(f"""
         import time
-        from finegrain.train.lock import RunLock
+        from finegrain.lock import RunLock
         with RunLock({str(tmp_path)!r}):
             print("locked", flush=True)
             time.sleep(1.5)
