@@ -26,18 +26,44 @@ from finegrain.models.tokenizer import char_tokenizer
 from finegrain.progress import Progress
 
 
-def encode_pairs(tokenizer, prompts: list[str], solutions: list[str]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+def _pieces(text: str, untrained: list[tuple[int, int]]) -> list[tuple[str, bool]]:
+    """``text`` cut at the untrained character spans: [(piece, trained), ...] in order.
+
+    >>> _pieces("a<r>x</r>b", [(1, 9)])
+    [('a', True), ('<r>x</r>', False), ('b', True)]
+    """
+    out, at = [], 0
+    for a, b in sorted(untrained):
+        if a > at:
+            out.append((text[at:a], True))
+        out.append((text[a:b], False))
+        at = b
+    if at < len(text) or not out:
+        out.append((text[at:], True))
+    return out
+
+
+def encode_pairs(tokenizer, prompts: list[str], solutions: list[str],
+                 untrained: list[list[tuple[int, int]]] | None = None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Tokenize prompt + solution + EOS, right-padded.
 
+    ``untrained[i]`` lists character spans of solution i that are context, not targets (the
+    environment's observations inside a tool-use trace). Each piece is tokenized on its own, as
+    the episode runner tokenizes model turns and observations separately at RL time.
+
     Returns input_ids (B, T) long, attention_mask (B, T) bool, target_mask (B, T) bool (True on
-    solution tokens and the EOS: the positions that are trained on).
+    solution tokens outside ``untrained`` and the EOS: the positions that are trained on).
     """
     rows, tmasks = [], []
-    for p, s in zip(prompts, solutions):
+    for i, (p, s) in enumerate(zip(prompts, solutions)):
         p_ids = tokenizer(p, add_special_tokens=True)["input_ids"]
-        s_ids = tokenizer(s, add_special_tokens=False)["input_ids"] + [tokenizer.eos_token_id]
-        rows.append(p_ids + s_ids)
-        tmasks.append([False] * len(p_ids) + [True] * len(s_ids))
+        s_ids, s_mask = [], []
+        for piece, trained in _pieces(s, untrained[i] if untrained else []):
+            ids = tokenizer(piece, add_special_tokens=False)["input_ids"] if piece else []
+            s_ids += ids
+            s_mask += [trained] * len(ids)
+        rows.append(p_ids + s_ids + [tokenizer.eos_token_id])
+        tmasks.append([False] * len(p_ids) + s_mask + [True])
     T = max(len(r) for r in rows)
     ids = torch.full((len(rows), T), tokenizer.pad_token_id, dtype=torch.long)
     am = torch.zeros(len(rows), T, dtype=torch.bool)
@@ -60,9 +86,10 @@ def sft_loss(model, ids: torch.Tensor, am: torch.Tensor, tm: torch.Tensor) -> to
     return (ce * mask).sum() / mask.sum().clamp(min=1)
 
 
-def run_sft(model, tokenizer, pairs: list[tuple[str, str]], *, epochs: int, batch_size: int, lr: float,
+def run_sft(model, tokenizer, pairs: list[tuple], *, epochs: int, batch_size: int, lr: float,
             warmup_steps: int, seed: int, progress: Callable[[int, int, float], None] | None = None) -> dict:
-    """Train ``model`` in place on (prompt, solution) pairs. Returns metrics (final loss, steps, seconds)."""
+    """Train ``model`` in place on (prompt, solution) or (prompt, solution, untrained spans)
+    tuples (see ``encode_pairs``). Returns metrics (final loss, steps, seconds)."""
     device = next(model.parameters()).device
     rng = random.Random(seed)
     total = epochs * math.ceil(len(pairs) / batch_size)
@@ -76,7 +103,8 @@ def run_sft(model, tokenizer, pairs: list[tuple[str, str]], *, epochs: int, batc
         rng.shuffle(order)
         for s in range(0, len(order), batch_size):
             batch = [pairs[i] for i in order[s:s + batch_size]]
-            ids, am, tm = encode_pairs(tokenizer, [p for p, _ in batch], [y for _, y in batch])
+            spans = [b[2] if len(b) > 2 else [] for b in batch]
+            ids, am, tm = encode_pairs(tokenizer, [b[0] for b in batch], [b[1] for b in batch], spans)
             loss = sft_loss(model, ids.to(device), am.to(device), tm.to(device))
             opt.zero_grad(set_to_none=True)
             loss.backward()
@@ -120,8 +148,9 @@ def warm_started_tiny(task, task_kwargs: dict, model_cfg, sft_cfg, log=print):
                 raise ValueError(f"task '{task.name}': no worked solutions to warm-start a tiny model; set model.path")
             if sft_cfg.flawed_fraction > 0:
                 log(f"task '{task.name}' has no flawed solutions; sft.flawed_fraction is ignored")
-        pairs = [(task.format_prompt(ex), sol) for ex, sol in corpus]
-        alphabet = sorted(set("".join(p + s for p, s in pairs)) | set("0123456789"))
+        spans = getattr(task, "observation_spans", None)  # tool-use traces: observations are context only
+        pairs = [(task.format_prompt(ex), sol, spans(sol) if spans else []) for ex, sol in corpus]
+        alphabet = sorted(set("".join(p + s for p, s, _ in pairs)) | set("0123456789"))
         tok = char_tokenizer(alphabet)
         model = tiny_causal_lm(tok, family=model_cfg.family, size=model_cfg.size, seed=sft_cfg.seed).to(device)
         with Progress("SFT warm start", total=None) as bar:
