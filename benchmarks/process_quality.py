@@ -155,6 +155,8 @@ def main(argv=None) -> None:
     task = TASKS.get(cfg.task.name)(**cfg.task.kwargs)
     sft, sft_tok, _ = warm_started_tiny(task, cfg.task.kwargs, cfg.model, cfg.sft, log=lambda m: None)
     sft.eval()
+    prm_kwargs = next((r.kwargs for r in cfg.rewards if r.name == "implicit_prm"), {})
+    beta = prm_kwargs.get("beta", 0.05)  # the implicit_prm reward's default
     E, Q, n = a.eval_problems, a.pq_problems, a.pq_samples
     exs = task.examples("test", E + 2 * Q)[E:]
     tune_rows = list(range(0, Q * n))
@@ -166,7 +168,7 @@ def main(argv=None) -> None:
         traj = sample(sft, sft_tok, task, cfg, exs, n, a.seed)
         labs, correct = label(task, traj)
         res["policy"] = {"name": "sft", **policy_stats(labs, correct, traj)}
-        scores, mm = prm_step_scores(sft, sft, cfg.prm.beta, traj, labs)
+        scores, mm = prm_step_scores(sft, sft, beta, traj, labs)
         res["prm_before"] = {**scorer_quality(scores, labs, tune_rows, report_rows), "step_count_mismatches": mm,
                              "max_abs_score": max((abs(x) for r in scores for x in r), default=0.0)}
         scores, mm = loglik_step_scores(sft, traj, labs)
@@ -187,7 +189,7 @@ def main(argv=None) -> None:
             sft_traj = sample(sft, sft_tok, task, cfg, exs, n, a.seed)
             sft_labs, _ = label(task, sft_traj)
             for key, (tj, lb) in {"sft_samples": (sft_traj, sft_labs), "own_samples": (traj, labs)}.items():
-                scores, mm = prm_step_scores(prm, sft, cfg.prm.beta, tj, lb)
+                scores, mm = prm_step_scores(prm, sft, beta, tj, lb)
                 res["prm_after"][key] = {**scorer_quality(scores, lb, tune_rows, report_rows),
                                          "step_count_mismatches": mm}
     Path(a.out_json).write_text(json.dumps(res, indent=2))

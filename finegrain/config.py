@@ -140,17 +140,6 @@ class OptimConfig:
 
 
 @dataclass
-class PRMConfig:
-    beta: float = _f(0.05, "β of the implicit PRM: r_t = β·(log π_φ − log π_ref).", range="(0, inf)")
-    update: str = _f("after", "Online PRM update: after (score, then update) | before (update, then re-score) | none.")
-    loss: str = _f("ce", "PRM loss: ce | dpo.")
-    lr: float = _f(1e-4, "PRM learning rate (its own AdamW).", range="(0, inf)")
-    grad_clip: float = _f(10.0, "PRM gradient-norm clip (0 = off).", range="[0, inf)")
-    ref: str = _f("initial", "π_ref of the implicit PRM: initial (frozen copy of the starting policy) | policy "
-                             "(the rollout policy's log-probs).")
-
-
-@dataclass
 class EvalConfig:
     n_problems: int = _f(200, "Held-out problems per evaluation.", range="[1, inf)")
     samples: int = _f(4, "Samples per problem (accuracy is their mean; pass@k is reported too).", range="[1, inf)")
@@ -194,7 +183,6 @@ class RunConfig:
     filters: FilterConfig = field(default_factory=FilterConfig)
     loss: LossConfig = field(default_factory=LossConfig)
     optim: OptimConfig = field(default_factory=OptimConfig)
-    prm: PRMConfig = field(default_factory=PRMConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
 
@@ -203,6 +191,10 @@ class RunConfig:
 # loading, validation, dumping
 
 _SCALARS = (bool, int, float, str)
+
+# keys of earlier versions, with where their settings live now
+MOVED = {"prm": "the implicit PRM's settings (beta, update, loss, lr, grad_clip, ref) moved to the kwargs of its "
+                "reward: rewards: [{name: implicit_prm, kwargs: {beta: 0.05, lr: 1.0e-4, ...}}]"}
 
 
 def _check_value(where: str, value: Any, ftype: Any) -> Any:
@@ -249,6 +241,8 @@ def from_dict(cls: type, data: dict, where: str = "") -> Any:
     for key, value in data.items():
         path = f"{where}.{key}" if where else key
         if key not in fields:
+            if path in MOVED:
+                raise ValueError(f"{path}: {MOVED[path]}")
             raise ValueError(f"{path}: unknown key; allowed: {', '.join(fields)}")
         f = fields[key]
         sub = _dataclass_type(f)
@@ -441,9 +435,6 @@ def validate(cfg: RunConfig) -> None:
     _choice("loss.kl_estimator", cfg.loss.kl_estimator, KL_ESTIMATORS.names())
     _choice("loss.kl_mode", cfg.loss.kl_mode, ["loss", "reward"])
     _choice("optim.schedule", cfg.optim.schedule, ["constant", "linear", "cosine"])
-    _choice("prm.update", cfg.prm.update, ["after", "before", "none"])
-    _choice("prm.loss", cfg.prm.loss, ["ce", "dpo"])
-    _choice("prm.ref", cfg.prm.ref, ["initial", "policy"])
     _choice("train.wandb_mode", cfg.train.wandb_mode, ["online", "offline", "disabled"])
     _check_groups(cfg)
     B = cfg.rollout.prompts_per_step * cfg.rollout.group_size

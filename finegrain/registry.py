@@ -61,13 +61,15 @@ class Registry:
     def check_kwargs(self, name: str, kwargs: dict[str, Any], where: str) -> None:
         """Raise one clear line if ``kwargs`` holds a key the entry's keyword-only params lack, a
         value of the wrong scalar type, a non-finite number, or a number outside the entry's
-        declared ``bounds`` (registry metadata ``bounds={"clip_low": "[0, 1)"}``).
+        declared ``bounds`` (registry metadata ``bounds={"clip_low": "[0, 1)"}``), or a value not in
+        the entry's declared ``choices`` (``choices={"mode": ("mask", "drop")}``).
 
         ``where`` names the config field, e.g. ``advantage.kwargs``.
         """
         from finegrain.ranges import check_range
 
         bounds = self._meta.get(name, {}).get("bounds", {})
+        choices = self._meta.get(name, {}).get("choices", {})
         fn = self.get(name)
         # classes built through ``from_context(ctx, **kwargs)`` are checked against that signature
         target = getattr(fn, "from_context", None) or (fn.__init__ if inspect.isclass(fn) else fn)
@@ -84,6 +86,8 @@ class Registry:
                 names = " | ".join("None" if t is type(None) else t.__name__ for t in want)
                 raise ValueError(f"{where}.{key}: expected {names}, got {value!r}")
             check_range(f"{where}.{key}", value, bounds.get(key))
+            if key in choices and value not in choices[key]:
+                raise ValueError(f"{where}.{key}: expected one of {' | '.join(map(str, choices[key]))}, got {value!r}")
 
 
 _SIMPLE = {"bool": bool, "int": int, "float": float, "str": str, "None": type(None)}

@@ -83,7 +83,7 @@ def test_cli_error_is_one_line(capsys):
 def test_help_config_documents_every_field(capsys):
     main(["train", "--help-config"])
     out = capsys.readouterr().out
-    for key in ("rollout.temperature", "advantage.per_source", "loss.aggregation", "train.ppo_epochs", "prm.beta"):
+    for key in ("rollout.temperature", "advantage.per_source", "loss.aggregation", "train.ppo_epochs", "filters.outcome"):
         assert key in out
     assert all("\n    " in line and line.split("\n    ")[1].strip() for line in describe())
 
@@ -119,3 +119,17 @@ def test_config_file_that_is_not_a_mapping_is_refused(tmp_path, text, match):
     bad.write_text(text)
     with pytest.raises(ValueError, match=match):
         load_config(bad)
+
+
+def test_the_implicit_prm_is_configured_in_one_place():
+    """Its settings are its reward's kwargs, checked like any registry kwargs; the old root
+    section is refused with a pointer to the new place."""
+    cfg = load_config(None, ["rewards=[{name: implicit_prm, kwargs: {beta: 0.1, lr: 3.0e-5, update: before}}]",
+                             "advantage.name=prime_rloo"])
+    assert cfg.rewards[0].kwargs == {"beta": 0.1, "lr": 3e-5, "update": "before"}
+    with pytest.raises(ValueError, match=r"^prm: the implicit PRM's settings .* moved to the kwargs of its reward"):
+        load_config(None, ["prm.beta=0.1"])
+    with pytest.raises(ValueError, match=r"^rewards\[0\].kwargs.update: expected one of after \| before \| none, got 'later'"):
+        load_config(None, ["rewards=[{name: implicit_prm, kwargs: {update: later}}]", "advantage.name=prime_rloo"])
+    with pytest.raises(ValueError, match=r"^rewards\[0\].kwargs.lr: expected a number in \(0, inf\), got 0"):
+        load_config(None, ["rewards=[{name: implicit_prm, kwargs: {lr: 0}}]", "advantage.name=prime_rloo"])

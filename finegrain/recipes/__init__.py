@@ -32,13 +32,14 @@ def demo_rloo() -> dict:
 
 def demo_prime() -> dict:
     """PRIME: verifier + online implicit PRM, per-source leave-one-out returns, whitened; PRIME's
-    accuracy-band filter. Differs from demo_grpo only in rewards, credit and the prm section."""
+    accuracy-band filter. Differs from demo_grpo only in rewards and credit."""
     cfg = demo_grpo()
-    cfg["rewards"] = [{"name": "verifier", "weight": 1.0}, {"name": "implicit_prm", "weight": 1.0}]
+    cfg["rewards"] = [{"name": "verifier", "weight": 1.0},
+                      {"name": "implicit_prm", "weight": 1.0,
+                       "kwargs": {"beta": 0.05, "update": "after", "loss": "ce", "lr": 2e-4, "ref": "initial"}}]
     cfg["advantage"] = {"per_source": {
         "verifier": {"name": "prime_loo_exact", "coef": 1.0, "kwargs": {"reward_at": "last"}},
         "implicit_prm": {"name": "prime_rloo", "coef": 1.0, "kwargs": {"reward_at": "token"}}}, "whiten": True}
-    cfg["prm"] = {"beta": 0.05, "update": "after", "loss": "ce", "lr": 2e-4, "ref": "initial"}
     cfg["train"]["out_dir"] = "runs/demo-prime"
     return cfg
 

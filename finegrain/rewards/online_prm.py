@@ -1,11 +1,16 @@
 """The implicit PRM as used online by PRIME: scored and updated on every RL batch.
 
 The PRM π_φ starts as a copy of the starting policy (PRIME initialises it from the SFT model);
-π_ref is a frozen copy of the starting policy (``prm.ref=initial``) or the rollout policy's own
-log-probs (``prm.ref=policy``). Labels are the task verifier's outcomes (0/1), so the PRM learns
-from outcome labels only.
+π_ref is a frozen copy of the starting policy (``ref: initial``) or the rollout policy's own
+log-probs (``ref: policy``). Labels are the task verifier's outcomes (0/1), so the PRM learns
+from outcome labels only. Every setting is a keyword of ``rewards[i].kwargs`` (one place, with its
+default in ``from_context``):
 
-Update modes (``prm.update``):
+    rewards:
+    - name: implicit_prm
+      kwargs: {beta: 0.05, update: after, loss: ce, lr: 1.0e-4, grad_clip: 10.0, ref: initial}
+
+Update modes (``update``):
     after   score with a forward that keeps its graph, then take one PRM step with the same
             forward (PRIME's default; one PRM forward per RL step)
     before  take the PRM step first, then score with the updated PRM (a second forward); the
@@ -13,7 +18,9 @@ Update modes (``prm.update``):
     none    score only (a frozen PRM)
 
 Departures: (1) one PRM optimizer step per RL step on the whole batch (PRIME splits it into
-mini-batches); (2) the PRM's own AdamW with constant LR and gradient clipping ``prm.grad_clip``.
+mini-batches); (2) the PRM's own AdamW with constant LR and gradient clipping ``grad_clip``;
+(3) default lr 1e-4, not PRIME's 1e-6: PRIME's is for 7B models, and a tiny model's PRM at 1e-6
+barely moves in a demo's 100 steps (set ``lr`` for a real model).
 """
 
 from __future__ import annotations
@@ -30,27 +37,28 @@ from finegrain.models.load import load_weights_into
 from finegrain.guards import check_finite, clip_and_step
 
 
-@REWARDS.register("implicit_prm", level="token", levels=("token", "step"), bounds={"micro_batch": "[1, inf)"},
-                  trainable=True)  # kwargs.level overrides
+@REWARDS.register("implicit_prm", level="token", levels=("token", "step"), trainable=True,
+                  bounds={"micro_batch": "[1, inf)", "beta": "(0, inf)", "lr": "(0, inf)", "grad_clip": "[0, inf)"},
+                  choices={"level": ("token", "step"), "granularity": ("token", "whole"), "norm": ("none", "batch_norm"),
+                           "update": ("after", "before", "none"), "loss": ("ce", "dpo"), "ref": ("initial", "policy")})  # kwargs.level overrides
 class OnlineImplicitPRM(ImplicitPRM):
     """ImplicitPRM plus its own optimizer and online update.
 
-    Keyword args (``rewards[i].kwargs``): level, granularity, micro_batch — see ImplicitPRM —
-    and ``norm``: 'none' | 'batch_norm' (PRIME's prime_norm: divide token rewards by the largest
-    |return-to-go| in the batch). β, the update mode, the loss and the learning rate live in the
-    ``prm`` config section.
+    Keyword args (``rewards[i].kwargs``, defaults in ``from_context``): level, granularity,
+    micro_batch — see ImplicitPRM — ``norm``: 'none' | 'batch_norm' (PRIME's prime_norm: divide
+    token rewards by the largest |return-to-go| in the batch), β, the update mode, the loss, the
+    PRM's learning rate and gradient clip, and π_ref ('initial' | 'policy').
     """
 
-    def __init__(self, prm_model, ref_model, *, task, beta: float = 0.05, level: str = "token",
-                 granularity: str = "token", micro_batch: int | None = None, temperature: float = 1.0,
-                 update: str = "after", loss: str = "ce", lr: float = 1e-6, grad_clip: float = 10.0,
-                 norm: str = "none"):
+    def __init__(self, prm_model, ref_model, *, task, beta: float, level: str, granularity: str,
+                 micro_batch: int | None, temperature: float, update: str, loss: str, lr: float, grad_clip: float,
+                 norm: str):
         super().__init__(prm_model, ref_model, beta=beta, level=level, granularity=granularity,
                          micro_batch=micro_batch, temperature=temperature)
         if update not in ("after", "before", "none"):
-            raise ValueError(f"prm.update: expected after | before | none, got '{update}'")
+            raise ValueError(f"implicit_prm.update: expected after | before | none, got '{update}'")
         if loss not in ("ce", "dpo"):
-            raise ValueError(f"prm.loss: expected ce | dpo, got '{loss}'")
+            raise ValueError(f"implicit_prm.loss: expected ce | dpo, got '{loss}'")
         if norm not in ("none", "batch_norm"):
             raise ValueError(f"implicit_prm.norm: expected none | batch_norm, got '{norm}'")
         self.task, self.update_mode, self.loss_name, self.grad_clip, self.norm = task, update, loss, grad_clip, norm
@@ -59,15 +67,15 @@ class OnlineImplicitPRM(ImplicitPRM):
 
     @classmethod
     def from_context(cls, ctx, *, level: str = "token", granularity: str = "token", micro_batch: int | None = None,
-                     norm: str = "none"):
+                     norm: str = "none", beta: float = 0.05, update: str = "after", loss: str = "ce", lr: float = 1e-4,
+                     grad_clip: float = 10.0, ref: str = "initial"):
         prm = copy.deepcopy(ctx.policy)
         for p in prm.parameters():
             p.requires_grad_(True)
-        ref = ctx.initial_policy() if ctx.cfg.prm.ref == "initial" else None
-        c = ctx.cfg.prm
-        return cls(prm, ref, task=ctx.task, beta=c.beta, level=level, granularity=granularity, micro_batch=micro_batch,
-                   temperature=ctx.cfg.rollout.temperature, update=c.update, loss=c.loss, lr=c.lr,
-                   grad_clip=c.grad_clip, norm=norm)
+        ref_model = ctx.initial_policy() if ref == "initial" else None
+        return cls(prm, ref_model, task=ctx.task, beta=beta, level=level, granularity=granularity,
+                   micro_batch=micro_batch, temperature=ctx.cfg.rollout.temperature, update=update, loss=loss, lr=lr,
+                   grad_clip=grad_clip, norm=norm)
 
     def labels(self, traj) -> torch.Tensor:
         """(B,) float outcome labels from the task verifier."""

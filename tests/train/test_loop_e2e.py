@@ -91,8 +91,10 @@ def test_level_mismatch_is_refused_before_any_work(tmp_path, sft_cache):
 
 @pytest.mark.parametrize("update,loss", [("after", "ce"), ("before", "ce"), ("none", "ce"), ("after", "dpo")])
 def test_prm_update_modes(tmp_path, sft_cache, update, loss):
-    cfg = make_cfg("prime", tmp_path / "m", sft_cache, **{"train.steps": 2, "prm.update": update, "prm.loss": loss,
-                                                            "train.save_every": 0})
+    cfg = make_cfg("prime", tmp_path / "m", sft_cache, **{"train.steps": 2, "train.save_every": 0})
+    prm = next(r for r in cfg.rewards if r.name == "implicit_prm")
+    prm.kwargs.update(update=update, loss=loss)  # every PRM setting lives in its reward's kwargs
+    validate(cfg)
     train(cfg, log=lambda s: None)
     rows = [r for r in read_log(tmp_path / "m" / "metrics.jsonl") if "loss/loss" in r]
     assert len(rows) == 2
