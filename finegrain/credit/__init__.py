@@ -14,3 +14,4 @@ from finegrain.registry import Registry
 ADVANTAGES = Registry("advantage estimator")
 
 from finegrain.credit import outcome, prime  # noqa: E402,F401  (registers entries)
+from finegrain.credit import turns  # noqa: E402,F401  (registers entries)

@@ -6,4 +6,5 @@ carries the task, tokenizer and models a signal may need.
 
 from finegrain.rewards.base import REWARDS, RewardOutput, RewardSignal  # noqa: F401
 from finegrain.rewards import length, online_prm, step_labels, verifiers  # noqa: E402,F401  (registers entries)
+from finegrain.rewards import agents  # noqa: E402,F401  (registers entries)
 from finegrain.rewards.functions import RewardFunction, register_reward_function  # noqa: E402,F401
