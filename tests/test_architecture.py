@@ -13,7 +13,7 @@ PKG = Path(__file__).resolve().parents[1] / "finegrain"
 
 # lowest first; a module in layer k may import layers 0..k
 LAYERS = [
-    {"registry", "shapes", "ranges", "jsonl", "masked", "trajectory", "segment", "lock", "guards", "progress"},
+    {"registry", "shapes", "ranges", "jsonl", "masked", "trajectory", "segment", "lock", "guards", "progress", "toolcalls"},
     {"credit", "losses", "filters", "tasks", "models"},
     {"sampling", "rewards"},
     {"envs"},

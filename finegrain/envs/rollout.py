@@ -40,7 +40,9 @@ class Rollout:
         self.max_turns = max_turns or getattr(probe, "max_turns", 1)
         self.stop_strings = tuple(getattr(probe, "stop_strings", ()))
         self.max_total_tokens = max_total_tokens
-        self.renderer = renderer or getattr(probe, "renderer", None) or TextRenderer(sampler.tokenizer, use_chat_template)
+        make_renderer = getattr(probe, "make_renderer", None)  # e.g. chat-template tool calls need the tokenizer
+        self.renderer = (renderer or (make_renderer(sampler.tokenizer) if callable(make_renderer) else None)
+                         or getattr(probe, "renderer", None) or TextRenderer(sampler.tokenizer, use_chat_template))
 
     @property
     def tokenizer(self):

@@ -57,7 +57,8 @@ def run_episodes(sampler: Sampler, make_env: Callable[[], Environment], examples
         for j in range(n):
             env = make_env()
             obs = env.reset(seed=sample_seed(seed, i, j), **example_fields(ex))
-            text, ids = renderer.prompt(obs.text)
+            tools = getattr(env, "tool_schemas", None)  # this episode's tools, for a chat template (envs/chat.py)
+            text, ids = renderer.prompt(obs.text, tools=tools) if tools else renderer.prompt(obs.text)
             envs.append(env)
             episodes.append(Episode(example=ex, group=group_offset + i, prompt_text=text, prompt_ids=ids))
     budget = max_total_tokens if max_total_tokens is not None else max_turns * params.max_new_tokens
@@ -80,15 +81,18 @@ def run_episodes(sampler: Sampler, make_env: Callable[[], Environment], examples
             ep.turn_metadata.append(dict(obs.metadata))
             eos = bool(ids) and ids[-1] == tok.eos_token_id
             ep.done = obs.done or eos
-            if not ep.done:
+            cut = (fin == FINISH_LENGTH and not eos) or over  # the model's turn did not end by itself
+            last_turn = turn == max_turns - 1
+            if not ep.done and not cut and not last_turn:  # an observation only when a turn follows it
                 obs_ids = renderer.observation(obs.text)[:max(budget - len(ep.response_ids), 0)]
                 if obs_ids:
                     ep.segments.append(Segment(obs_ids, turn, sampled=False))
-            cut = (fin == FINISH_LENGTH and not eos) or over  # the model's turn did not end by itself
-            ep.truncated = cut or (not ep.done and len(ep.response_ids) >= budget)
+            ep.truncated = cut or (not ep.done and (last_turn or len(ep.response_ids) >= budget))
             if not ep.done and not ep.truncated:
                 still.append(r)
         live = still
-    for r in live:  # out of turns
-        episodes[r].truncated = True
+    for env in envs:  # every episode has ended (done, a limit, or out of turns)
+        close = getattr(env, "close", None)
+        if callable(close):
+            close()
     return episodes
