@@ -471,11 +471,14 @@ def label_arithmetic(response: str) -> StepLabels:
 
 
 def default_data_dir() -> Path:
-    """``$FINEGRAIN_GSM8K_DIR`` if set, else ``<repo>/../shared/data/gsm8k``."""
+    """``$FINEGRAIN_GSM8K_DIR`` if set, else the copy shipped in the package
+    (``finegrain/tasks/data/gsm8k``: the whole test split, 1,319 problems, and the first 500 of the
+    7,473 train problems, MIT licence). For full training data set ``data_dir``, ``train_file`` or
+    ``dataset=openai/gsm8k``."""
     env = os.environ.get("FINEGRAIN_GSM8K_DIR")
     if env:
         return Path(env)
-    return Path(__file__).resolve().parents[2].parent / "shared" / "data" / "gsm8k"
+    return Path(__file__).resolve().parent / "data" / "gsm8k"
 
 
 def make_example(question: Any, answer: Any, split: str, index: int, where: str,
