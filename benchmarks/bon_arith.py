@@ -9,8 +9,9 @@
    cross-entropy ``finegrain.losses.prm.implicit_prm_ce_loss`` (β = 0.05) on the verifier's labels
    of policy samples of *train* problems; its reference π_ref is the SFT model. Saved to
    ``<out>/prm``.
-3. ``finegrain eval`` on the *test* problems with scorers oracle, implicit_prm, random (and, with
-   ``--search``, beam search and early rejection guided by the implicit PRM on 100 problems).
+3. ``finegrain eval`` on the *test* problems, scoring with the rewards verifier (the oracle),
+   implicit_prm and random (and, with ``--search``, beam search and early rejection guided by the
+   implicit PRM on 100 problems).
 4. Prints the markdown tables of docs/benchmarks.md ("Evaluation") and the exact commands.
 """
 
@@ -122,7 +123,7 @@ def main(argv=None) -> None:
 
     argv_eval = ["--model", sft_dir, "--task", "arith", "--task-kwargs", json.dumps(cfg.task.kwargs),
                  "--n-problems", str(a.n_problems), "--samples", str(a.samples), "--temperature", "1.0",
-                 "--max-new-tokens", str(cfg.eval.max_new_tokens), "--scorers", "oracle,implicit_prm,random",
+                 "--max-new-tokens", str(cfg.eval.max_new_tokens), "--scorers", "verifier,implicit_prm,random",
                  "--prm", str(prm_dir), "--prm-ref", sft_dir, "--out", str(out / "report"), "--seed", str(a.seed)]
     if a.search:
         argv_eval += ["--search", "beam,early_reject", "--search-beams", "4,8,16", "--beam-width", "4",
@@ -149,7 +150,7 @@ def main(argv=None) -> None:
           f"{m['accuracy']['hi']:.3f}] over {m['accuracy']['n']} samples\n")
     print("| selector | " + " | ".join(f"N={n}" for n in Ns) + " |")
     print("|---|" + "---:|" * len(Ns))
-    rows = [("oracle verifier (= pass@N)", c["bon"]["oracle"]),
+    rows = [("oracle verifier (= pass@N)", c["bon"]["verifier"]),
             ("implicit PRM, min over steps", c["bon"]["implicit_prm"])]
     rows += [(f"implicit PRM, {agg}", ys) for agg, ys in c["bon_by_aggregation"]["implicit_prm"].items()
              if agg != "min"]

@@ -4,10 +4,11 @@
         [--prm DIR] [--out /tmp/eval_speed]
 
 The demo model is the SFT warm start of the CPU demo (``finegrain sft`` on ``demo_config('grpo')``,
-cached). Scorers: oracle, implicit_prm, random. The implicit PRM is ``--prm`` if given (e.g. the
-one ``benchmarks/bon_arith.py`` trains) and otherwise the policy itself with the SFT model as
-reference; the cost is the same (one PRM and one reference forward per response). Prints the
-total wall time (model loading included), the breakdown from metrics.json and the command.
+cached). Scorers (rewards of ``finegrain.rewards.REWARDS``): verifier, implicit_prm, random. The
+implicit PRM is ``--prm`` if given (e.g. the one ``benchmarks/bon_arith.py`` trains) and otherwise
+the policy itself with the SFT model as reference; the cost is the same (one PRM and one reference
+forward per response). Prints the total wall time (model loading included), the breakdown from
+metrics.json and the command.
 """
 
 from __future__ import annotations
@@ -49,7 +50,7 @@ def main(argv=None) -> None:
     _, _, sft_dir, cfg = demo_policy()
     argv_eval = ["--model", sft_dir, "--task", "arith", "--task-kwargs", json.dumps(cfg.task.kwargs),
                  "--n-problems", str(a.n_problems), "--samples", str(a.samples), "--temperature", "1.0",
-                 "--max-new-tokens", str(cfg.eval.max_new_tokens), "--scorers", "oracle,implicit_prm,random",
+                 "--max-new-tokens", str(cfg.eval.max_new_tokens), "--scorers", "verifier,implicit_prm,random",
                  "--prm", a.prm or sft_dir, "--prm-ref", sft_dir, "--out", a.out, "--seed", "0", "--quiet"]
     if a.threads:
         argv_eval += ["--threads", str(a.threads)]

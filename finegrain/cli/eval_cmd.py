@@ -2,13 +2,15 @@
 
     finegrain eval --model PATH_OR_RUN_DIR --task arith|gsm8k [--task-kwargs JSON]
                    [--n-problems 500] [--samples 16] [--temperature 1.0] [--max-new-tokens 48]
-                   [--scorers oracle,implicit_prm,random] [--prm PATH] [--prm-ref PATH]
+                   [--scorers verifier,implicit_prm,random] [--reward-kwargs JSON] [--prm PATH] [--prm-ref PATH]
                    [--search beam,early_reject] [--out DIR] [--seed 0]
 
 ``--model`` is a Hugging Face model directory (or Hub id), or a ``finegrain train`` run
 directory, which resolves to its latest checkpoint's ``policy`` directory. ``--out`` must be a
 directory that exists or can be created, and writable; it is checked (and created) before any
-model is loaded. See docs/eval.md.
+model is loaded. Scorers are reward signals of ``finegrain.rewards.REWARDS`` (the ones training
+uses), built with a ``RewardContext`` whose policy is the PRM (``--prm``) and whose initial policy
+is its reference (``--prm-ref``). See docs/eval.md.
 """
 
 from __future__ import annotations
@@ -18,8 +20,6 @@ import json
 import sys
 import time
 from pathlib import Path
-
-
 
 
 def _csv(text: str) -> list[str]:
@@ -42,7 +42,8 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
     """Register ``eval`` on an argparse sub-parsers object; returns the parser."""
     e = subparsers.add_parser(
         "eval", help="evaluate a checkpoint: best-of-N / votes / step search with reward scorers, HTML report",
-        description="Sample N responses per problem, score them (verifier oracle, implicit PRM, random, ...), "
+        description="Sample N responses per problem, score them with reward signals (verifier, exact step "
+                    "labels, implicit PRM, random, ...), "
                     "report best-of-N and weighted-vote accuracy against N, process metrics against exact step "
                     "labels, optional PRM-guided step search, and write a report directory.")
     e.add_argument("--model", required=True, help="HF model directory or Hub id, or a run directory "
@@ -57,26 +58,32 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
     e.add_argument("--top-p", type=float, default=1.0, help="nucleus sampling (1.0 = off)")
     e.add_argument("--top-k", type=int, default=0, help="top-k sampling (0 = off)")
     e.add_argument("--max-new-tokens", type=int, default=48, help="response budget in tokens")
-    e.add_argument("--scorers", default="oracle,random",
-                   help="comma-separated scorers: oracle, step_oracle, implicit_prm, random")
-    e.add_argument("--aggregation", default="min", help="step aggregation for step-level scorers in the main "
-                                                        "curves: min | sum | last | mean | product")
+    e.add_argument("--scorers", default="verifier,random",
+                   help="comma-separated rewards (finegrain.rewards.REWARDS) to score with: verifier, step_labels, "
+                        "implicit_prm, random")
+    e.add_argument("--reward-kwargs", default=None,
+                   help="JSON object: reward name → keyword arguments over its eval defaults, e.g. "
+                        "'{\"random\": {\"seed\": 3}}'")
+    e.add_argument("--aggregation", default="min", help="step aggregation for the scorers that select by steps, in "
+                                                        "the main curves: min | sum | last | mean | product")
     e.add_argument("--prm", default=None, help="implicit PRM model directory or run directory (default: the run's "
                                                "trained implicit_prm checkpoint if any, else the policy itself)")
     e.add_argument("--prm-ref", default=None, help="reference model of the implicit PRM (default for a run "
                                                    "directory: the model the run started from)")
-    e.add_argument("--beta", type=float, default=0.05, help="β of the implicit PRM")
+    e.add_argument("--beta", type=float, default=None, help="β of the implicit PRM (default 0.05; the same as "
+                                                             "--reward-kwargs '{\"implicit_prm\": {\"beta\": B}}')")
     e.add_argument("--search", default="", help="comma-separated step searches: beam, early_reject (default none)")
-    e.add_argument("--search-scorer", default=None, help="scorer guiding the search (default: first step-level "
-                                                         "scorer of --scorers)")
+    e.add_argument("--search-scorer", default=None, help="scorer guiding the search (default: the first of "
+                                                         "--scorers that selects by steps)")
     e.add_argument("--search-beams", default="4,8,16", help="values of N for the searches")
     e.add_argument("--beam-width", type=int, default=4, help="M: continuations per kept beam")
     e.add_argument("--tau", type=int, default=4, help="τ: tokens of a partial step before early rejection")
     e.add_argument("--max-steps", type=int, default=8, help="search iterations (steps)")
     e.add_argument("--max-step-tokens", type=int, default=0, help="cap on one step's tokens (0 = none)")
     e.add_argument("--search-aggregation", default=None, help="candidate score in the search: min | sum | last | "
-                                                              "mean | product (default: the scorer's own, sum "
-                                                              "= Q-value for implicit_prm, else last as ER-PRM)")
+                                                              "mean | product (default: the reward's search_value: "
+                                                              "sum = Q-value for implicit_prm, min for step_labels, "
+                                                              "else last as ER-PRM)")
     e.add_argument("--search-problems", type=int, default=100, help="search on the first problems only")
     e.add_argument("--html-problems", type=int, default=20, help="problems shown on report.html")
     e.add_argument("--max-batch", type=int, default=256, help="rows per generate call")
@@ -173,14 +180,13 @@ def run(args: argparse.Namespace) -> dict:
 
 def _run(args: argparse.Namespace) -> dict:
     """Validate flags, resolve and load models, run the evaluation, print a summary."""
-    import numpy as np
-
     from finegrain.cli.outputs import check_output_dir
     from finegrain.eval.experiment import SearchSpec, run_eval
-    from finegrain.eval.scorers import SCORERS, ScorerContext
+    from finegrain.eval.scoring import build_scorers, check_scorer, eval_meta, selects_by
     from finegrain.eval.search import SEARCHES
     from finegrain.eval.selection import STEP_AGGREGATIONS
     from finegrain.models.load import load_pretrained, resolve_device
+    from finegrain.rewards.base import level_of
     from finegrain.sampling import SamplingParams
     from finegrain.tasks import TASKS
 
@@ -197,17 +203,17 @@ def _run(args: argparse.Namespace) -> dict:
     from finegrain.ranges import check_range
 
     for flag, value, spec in (("--temperature", args.temperature, "[0, 100]"), ("--top-p", args.top_p, "(0, 1]"),
-                              ("--top-k", args.top_k, "[0, inf)"), ("--beta", args.beta, "(0, inf)"),
-                              ("--seed", args.seed, "[0, inf)")):
+                              ("--top-k", args.top_k, "[0, inf)"), ("--seed", args.seed, "[0, inf)")):
         check_range(flag, value, spec)
     if args.html_problems < 0 or args.max_step_tokens < 0:
         raise ValueError("--html-problems / --max-step-tokens: expected >= 0")
+    if args.beta is not None:
+        check_range("--beta", args.beta, "(0, inf)")
     scorers = _csv(args.scorers)
     if not scorers:
         raise ValueError("--scorers: give at least one scorer")
     for name in scorers:
-        if name not in SCORERS:
-            raise ValueError(f"--scorers: unknown scorer '{name}'; available: {', '.join(SCORERS.names())}")
+        check_scorer(name, "--scorers")
     for flag, agg in (("--aggregation", args.aggregation), ("--search-aggregation", args.search_aggregation)):
         if agg is not None and agg not in STEP_AGGREGATIONS:
             raise ValueError(f"{flag}: unknown '{agg}'; available: {', '.join(STEP_AGGREGATIONS.names())}")
@@ -217,12 +223,13 @@ def _run(args: argparse.Namespace) -> dict:
             raise ValueError(f"--search: unknown search '{m}'; available: {', '.join(SEARCHES.names())}")
     budgets = _ints("--search-beams", args.search_beams)
     if methods and args.search_scorer and args.search_scorer not in scorers:
-        if args.search_scorer not in SCORERS:
-            raise ValueError(f"--search-scorer: unknown scorer '{args.search_scorer}'")
+        check_scorer(args.search_scorer, "--search-scorer")
         scorers.append(args.search_scorer)
-    if methods and not args.search_scorer and not any(SCORERS.meta(n)["level"] == "step" for n in scorers):
-        raise ValueError("--search: needs a step-level scorer in --scorers or --search-scorer "
-                         "(implicit_prm, step_oracle)")
+    reward_kwargs = _reward_kwargs(args, scorers)
+    if methods and not args.search_scorer and \
+            not any(selects_by(level_of(n, reward_kwargs[n])) == "step" for n in scorers):
+        raise ValueError("--search: needs a scorer that selects by steps in --scorers or --search-scorer "
+                         "(implicit_prm, step_labels)")
     check_output_dir("--out", args.out)  # a report that cannot be written: fail before any work
 
     model_path, run_dir = resolve_model_dir(args.model)
@@ -249,7 +256,8 @@ def _run(args: argparse.Namespace) -> dict:
         raise ValueError(f"--n-problems: task '{task_name}' has no '{args.split}' problems")
 
     prm_path = ref_path = None
-    if any(SCORERS.meta(n).get("needs") == "prm" for n in scorers):  # resolve every path before loading
+    needs_prm = [n for n in scorers if eval_meta(n)["eval_needs"] == "prm"]
+    if needs_prm:  # resolve every path before loading
         if args.prm:
             prm_path, _ = resolve_model_dir(args.prm, "--prm", sub="implicit_prm" if _has_prm(args.prm) else "policy")
         elif run_dir is not None and _has_prm(str(run_dir)):
@@ -259,7 +267,7 @@ def _run(args: argparse.Namespace) -> dict:
             log("implicit_prm: no --prm and no trained PRM in the run; using the policy itself as the PRM")
         ref_arg = args.prm_ref or _initial_model(run_dir)
         if ref_arg is None:
-            raise ValueError("--prm-ref: scorer implicit_prm needs a reference model (e.g. the SFT model the "
+            raise ValueError(f"--prm-ref: scorer {needs_prm[0]} needs a reference model (e.g. the SFT model the "
                              "policy started from)")
         ref_path, _ = resolve_model_dir(ref_arg, "--prm-ref")
 
@@ -274,18 +282,22 @@ def _run(args: argparse.Namespace) -> dict:
     model, tok = load_pretrained(model_path, device=args.device, where="--model")
     device = resolve_device(args.device)
     _set_threads(args.threads, model, device, log)
-    ctx = ScorerContext(beta=args.beta, rng=np.random.default_rng(args.seed))
-    meta = {"model": model_path, "task_kwargs": task_kwargs, "split": args.split}
+    meta = {"model": model_path, "task_kwargs": task_kwargs, "split": args.split, "reward_kwargs": reward_kwargs}
+    prm_model = ref_model = None
     if prm_path is not None:
-        ctx.prm_model = model if prm_path == model_path else _load_model_only(prm_path, "--prm", device)
-        ctx.ref_model = model if ref_path == model_path else _load_model_only(ref_path, "--prm-ref", device)
-        if ctx.prm_model.config.vocab_size != model.config.vocab_size or \
-                ctx.ref_model.config.vocab_size != model.config.vocab_size:
+        prm_model = model if prm_path == model_path else _load_model_only(prm_path, "--prm", device)
+        ref_model = model if ref_path == model_path else _load_model_only(ref_path, "--prm-ref", device)
+        if prm_model.config.vocab_size != model.config.vocab_size or \
+                ref_model.config.vocab_size != model.config.vocab_size:
             raise ValueError("--prm/--prm-ref: the PRM and its reference must share the policy's tokenizer "
-                             f"(vocab sizes {ctx.prm_model.config.vocab_size}, {ctx.ref_model.config.vocab_size} "
+                             f"(vocab sizes {prm_model.config.vocab_size}, {ref_model.config.vocab_size} "
                              f"vs {model.config.vocab_size})")
-        meta.update(prm=prm_path, prm_ref=ref_path, beta=args.beta)
-        log(f"implicit PRM {prm_path}, reference {ref_path}, beta {args.beta}")
+    ctx = _reward_context(args, task_name, task_kwargs, model_path, task, tok, model, prm_model, ref_model)
+    signals = build_scorers(scorers, ctx, reward_kwargs)
+    if prm_path is not None:
+        beta = getattr(signals[needs_prm[0]], "beta", None)
+        meta.update(prm=prm_path, prm_ref=ref_path, beta=beta)
+        log(f"implicit PRM {prm_path}, reference {ref_path}, beta {beta}")
 
     spec = SearchSpec(methods=methods, scorer=args.search_scorer, budgets=budgets, beam_width=args.beam_width,
                       tau=args.tau, max_steps=args.max_steps, max_step_tokens=args.max_step_tokens or None,
@@ -293,13 +305,60 @@ def _run(args: argparse.Namespace) -> dict:
     sampling = SamplingParams(temperature=args.temperature, top_p=args.top_p, top_k=args.top_k,
                               max_new_tokens=args.max_new_tokens)
     log(f"evaluating {len(examples)} {task_name} problems x {args.samples} samples; scorers {', '.join(scorers)}")
-    metrics = run_eval(model, tok, task, examples, out_dir=args.out, scorers=scorers, ctx=ctx, samples=args.samples,
+    metrics = run_eval(model, tok, task, examples, out_dir=args.out, scorers=signals, samples=args.samples,
                        sampling=sampling, seed=args.seed, aggregation=args.aggregation, search=spec,
                        html_problems=args.html_problems, chunk_problems=args.chunk_problems,
                        max_batch=args.max_batch, use_chat_template=not args.no_chat_template, meta=meta, log=log,
                        progress=not args.quiet)
     _summary(metrics, Path(args.out), time.time() - t_start, log)
     return metrics
+
+
+def _reward_kwargs(args, scorers: list[str]) -> dict[str, dict]:
+    """Each scorer's keyword arguments: its registry ``eval_kwargs``, then ``--reward-kwargs``, then
+    ``--beta`` (for the implicit PRM); every key and value checked against the reward's signature."""
+    from finegrain.eval.scoring import check_scorer, scorer_kwargs
+
+    given: dict = {}
+    if args.reward_kwargs is not None:
+        try:
+            given = json.loads(args.reward_kwargs)
+        except json.JSONDecodeError as err:
+            raise ValueError(f"--reward-kwargs: not valid JSON ({err.msg})") from None
+        if not isinstance(given, dict) or not all(isinstance(v, dict) for v in given.values()):
+            raise ValueError("--reward-kwargs: expected a JSON object of objects, e.g. "
+                             "'{\"step_labels\": {\"correct\": 1, \"wrong\": 0}}'")
+    for name in given:
+        check_scorer(name, "--reward-kwargs")
+        if name not in scorers:
+            raise ValueError(f"--reward-kwargs: '{name}' is not one of the scorers ({', '.join(scorers)})")
+    given = {name: dict(given.get(name, {})) for name in scorers}
+    if args.beta is not None and "implicit_prm" in given:
+        if "beta" in given["implicit_prm"] and given["implicit_prm"]["beta"] != args.beta:
+            raise ValueError("--beta: also set in --reward-kwargs implicit_prm.beta; give it once")
+        given["implicit_prm"]["beta"] = args.beta
+    return {name: scorer_kwargs(name, given[name], "--reward-kwargs") for name in scorers}
+
+
+def _reward_context(args, task_name, task_kwargs, model_path, task, tok, model, prm_model, ref_model):
+    """The ``RewardContext`` the scorers are built with, as in training: ``cfg`` describes this
+    evaluation (task, sampling, ``train.seed`` = ``--seed``, which seeds the random reward);
+    ``policy`` is the PRM and ``initial_policy()`` its reference when one is loaded."""
+    from finegrain.config import RunConfig
+    from finegrain.train.stages import RewardContext
+
+    cfg = RunConfig()
+    cfg.model.path = model_path
+    cfg.task.name, cfg.task.kwargs = task_name, dict(task_kwargs)
+    cfg.rollout.temperature, cfg.rollout.top_p, cfg.rollout.top_k = args.temperature, args.top_p, args.top_k
+    cfg.rollout.max_new_tokens = args.max_new_tokens
+    cfg.train.seed = args.seed
+
+    def initial_policy():
+        if ref_model is None:
+            raise ValueError("--prm-ref: no reference model is loaded (no scorer needs a PRM)")
+        return ref_model
+    return RewardContext(cfg, task, tok, prm_model if prm_model is not None else model, initial_policy)
 
 
 def _set_threads(threads: int, model, device, log) -> None:

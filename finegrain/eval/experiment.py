@@ -4,7 +4,7 @@ Pipeline (each stage one call into an existing part):
 
     Rollout.generate (n samples per problem, through the sampling layer)
       → verifier + exact step labels (``task.verify``, ``task.label_steps``)
-      → SCORERS (oracle, implicit PRM, random, ...)          finegrain.eval.scorers
+      → reward signals (REWARDS: verifier, implicit_prm, ...) finegrain.eval.scoring
       → best-of-N / weighted-vote / majority curves          finegrain.eval.selection
       → process metrics against the exact labels             finegrain.eval.process
       → optional PRM-guided step search (beam, ER-PRM)       finegrain.eval.search
@@ -21,7 +21,7 @@ from __future__ import annotations
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable, Sequence
+from typing import Callable, Mapping, Sequence
 
 import numpy as np
 
@@ -29,11 +29,12 @@ from finegrain.eval.metrics import accuracy_with_ci, bootstrap_ci, mean_pass_at_
 from finegrain.eval.process import (best_threshold, first_error_prediction, first_wrong_step_accuracy,
                                     miracle_step_rate, step_auroc)
 from finegrain.eval.report import SampleRecord, write_metrics, write_report
-from finegrain.eval.scorers import SCORERS, ScorerContext, Scores, score, step_spans, vote_weights
+from finegrain.eval.scoring import Scores, check_scorer, eval_meta, score, selects_by, step_spans, vote_weights
 from finegrain.eval.search import SEARCHES
 from finegrain.eval.selection import (STEP_AGGREGATIONS, aggregate_steps, bon_curve, majority_curve, random_curve,
                                       weighted_vote_curve)
 from finegrain.registry import Registry
+from finegrain.rewards.base import RewardSignal
 from finegrain.envs.rollout import hf_rollout
 from finegrain.sampling import SamplingParams, sample_seed
 from finegrain.segment import token_char_offsets
@@ -64,12 +65,13 @@ class SearchSpec:
     """Which step searches to run and with what budget.
 
     methods: names in ``search.SEARCHES`` ('beam', 'early_reject'); empty = no search.
-    scorer: name in ``SCORERS`` guiding the search; None = the first step-level scorer evaluated.
+    scorer: name of the evaluated scorer (a REWARDS entry) guiding the search; None = the first
+    scorer that selects by steps.
     budgets: values of N (candidates per problem per iteration); beam_width: M (min(M, N) is used).
     tau: tokens of a partial step before scoring (early_reject). max_steps: iterations.
     max_step_tokens: cap on one step (None = the response budget). aggregation: candidate score
-    (``aggregate_steps`` name); None = the scorer's ``value`` metadata ('sum' for the implicit
-    PRM, i.e. its Q-value, 'last' as in ER-PRM for scorers without one).
+    (``aggregate_steps`` name); None = the scorer's ``search_value`` metadata ('sum' for the
+    implicit PRM, i.e. its Q-value, 'min' for exact step labels, 'last' as in ER-PRM otherwise).
     n_problems: search on the first problems only (None = all).
     """
 
@@ -205,8 +207,8 @@ def _records(traj, scores: dict[str, Scores], task, tokenizer, answer_fn, sample
     return out
 
 
-def run_eval(model, tokenizer, task, examples, *, out_dir: str | Path, scorers: Sequence[str] = ("oracle", "random"),
-             ctx: ScorerContext | None = None, samples: int = 16, sampling: SamplingParams = SamplingParams(),
+def run_eval(model, tokenizer, task, examples, *, out_dir: str | Path, scorers: Mapping[str, RewardSignal],
+             samples: int = 16, sampling: SamplingParams = SamplingParams(),
              seed: int = 0, aggregation: str = "min", Ns: Sequence[int] | None = None,
              search: SearchSpec = SearchSpec(), html_problems: int = 20, chunk_problems: int = 64,
              max_batch: int = 256, use_chat_template: bool = True, meta: dict | None = None,
@@ -217,8 +219,10 @@ def run_eval(model, tokenizer, task, examples, *, out_dir: str | Path, scorers: 
     Args:
         model, tokenizer: the policy (any HF causal LM) and its tokenizer.
         task: a task (``verify``; ``label_steps`` when it has exact step labels); examples: problems.
-        scorers: names in ``SCORERS``. ctx: what they need (PRM models, β, RNG); default: a
-            context with ``rng = default_rng(seed)``.
+        scorers: name → reward signal, each a REWARDS entry usable in evaluation, built with
+            ``scoring.build_scorers`` (the eval kwargs of its registry metadata applied). A signal
+            keeps its own state across chunks and the search (e.g. the random reward's generator,
+            seeded when it is built, not by ``seed``).
         sampling: temperature / top-p / top-k / max_new_tokens.
         aggregation: step aggregation (``selection.STEP_AGGREGATIONS``) for step-level scorers in
             the main best-of-N and vote curves; every aggregation is also reported separately.
@@ -230,8 +234,11 @@ def run_eval(model, tokenizer, task, examples, *, out_dir: str | Path, scorers: 
         the metrics dict (also in ``out_dir/metrics.json``).
     """
     t_start = time.time()
+    scorers = dict(scorers)
+    if not scorers:
+        raise ValueError("run_eval: needs at least one scorer")
     for name in scorers:
-        SCORERS.get(name)
+        check_scorer(name)
     STEP_AGGREGATIONS.get(aggregation)
     for m in search.methods:
         SEARCHES.get(m)
@@ -239,7 +246,6 @@ def run_eval(model, tokenizer, task, examples, *, out_dir: str | Path, scorers: 
         raise ValueError(f"search.scorer: '{search.scorer}' must be one of the evaluated scorers ({', '.join(scorers)})")
     if samples < 1 or not examples:
         raise ValueError(f"run_eval: needs samples >= 1 and at least one problem, got {samples} and {len(examples)}")
-    ctx = ctx or ScorerContext(rng=np.random.default_rng(seed))
     Ns = list(Ns) if Ns is not None else default_Ns(samples)
     answer_fn = ANSWERS.get(task.name) if task.name in ANSWERS else getattr(task, "extract_answer", None)
     engine = hf_rollout(model, tokenizer, segmenter=task.segmenter, max_batch=max_batch,
@@ -258,7 +264,7 @@ def run_eval(model, tokenizer, task, examples, *, out_dir: str | Path, scorers: 
             out = {}
             for name in scorers:
                 t0 = time.time()
-                out[name] = score(name, traj, task, ctx)
+                out[name] = score(scorers[name], traj, task)
                 timing["score_s"][name] += time.time() - t0
             t0 = time.time()
             records += _records(traj, out, task, tokenizer, answer_fn, counter, html_problems)
@@ -271,13 +277,16 @@ def run_eval(model, tokenizer, task, examples, *, out_dir: str | Path, scorers: 
     correct = np.array([r.correct for r in grid], dtype=bool).reshape(P, samples)  # (P, n)
     answers = [[r.answer for r in grid[p * samples:(p + 1) * samples]] for p in range(P)] if answer_fn else None
     sel_scores, weights, by_agg = {}, {}, {}
-    for name in scorers:
-        meta_s = SCORERS.meta(name)
+    for name, signal in scorers.items():
+        by = selects_by(signal.level)
         steps = [[r.step_scores[name] for r in grid[p * samples:(p + 1) * samples]] for p in range(P)]
         outcome = np.array([r.outcome_scores[name] for r in grid]).reshape(P, samples)
-        sel_scores[name] = response_scores(steps, outcome, meta_s["level"], aggregation)  # (P, n)
-        weights[name] = vote_weights(sel_scores[name], meta_s["weight"])
-        if meta_s["level"] == "step":
+        sel_scores[name] = response_scores(steps, outcome, by, aggregation)  # (P, n)
+        try:
+            weights[name] = vote_weights(sel_scores[name], eval_meta(name)["vote"])
+        except ValueError as err:
+            raise ValueError(f"scorer '{name}': {err}") from None
+        if by == "step":
             by_agg[name] = {agg: bon_curve(response_scores(steps, outcome, "step", agg), correct, Ns).mean.tolist()
                             for agg in STEP_AGGREGATIONS.names()}
     try:
@@ -301,11 +310,11 @@ def run_eval(model, tokenizer, task, examples, *, out_dir: str | Path, scorers: 
 
     if search.methods:
         t0 = time.time()
-        metrics["search"] = _run_search(model, tokenizer, task, examples, search, scorers, ctx, correct, sel_scores,
+        metrics["search"] = _run_search(model, tokenizer, task, examples, search, scorers, correct, sel_scores,
                                         lengths, sampling, seed, max_batch, use_chat_template, Ns, log)
         timing["search_s"] = time.time() - t0
     t0 = time.time()
-    colour_by = next((n for n in scorers if SCORERS.meta(n)["level"] == "step"), scorers[0] if scorers else None)
+    colour_by = next((n for n, sig in scorers.items() if selects_by(sig.level) == "step"), next(iter(scorers)))
     metrics["timing"] = timing
     title = f"finegrain eval · {task.name} · {meta.get('model', '') if meta else ''}".rstrip(" ·")
     write_report(out_dir, grid, metrics, title=title, colour_by=colour_by, html_problems=html_problems)
@@ -315,13 +324,15 @@ def run_eval(model, tokenizer, task, examples, *, out_dir: str | Path, scorers: 
     return metrics
 
 
-def _run_search(model, tokenizer, task, examples, spec: SearchSpec, scorers, ctx, correct, sel_scores, lengths,
+def _run_search(model, tokenizer, task, examples, spec: SearchSpec, scorers, correct, sel_scores, lengths,
                 sampling, seed, max_batch, use_chat_template, Ns, log) -> dict:
     """Run every (method, N) of ``spec`` and the matching best-of-N points on the same problems."""
-    name = spec.scorer or next((n for n in scorers if SCORERS.meta(n)["level"] == "step"), None)
+    name = spec.scorer or next((n for n, sig in scorers.items() if selects_by(sig.level) == "step"), None)
     if name is None:
-        raise ValueError("search: needs a step-level scorer (--search-scorer, e.g. implicit_prm or step_oracle)")
-    aggregation = spec.aggregation or SCORERS.meta(name).get("value", "last")
+        raise ValueError("search: needs a scorer that selects by steps (--search-scorer, e.g. implicit_prm or "
+                         "step_labels)")
+    aggregation = spec.aggregation or eval_meta(name)["search_value"]
+    signal = scorers[name]
     sub = examples[:spec.n_problems] if spec.n_problems else examples
     k = len(sub)
     runs = []
@@ -332,7 +343,7 @@ def _run_search(model, tokenizer, task, examples, spec: SearchSpec, scorers, ctx
                 raise ValueError(f"--search-beams: N={N} is not a multiple of --beam-width {M}")
             t0 = time.time()
             res = SEARCHES.get(method)(
-                model, tokenizer, task, sub, lambda traj: score(name, traj, task, ctx), n_beams=N, beam_width=M,
+                model, tokenizer, task, sub, lambda traj: score(signal, traj, task), n_beams=N, beam_width=M,
                 tau=spec.tau, aggregation=aggregation, sampling=sampling, max_steps=spec.max_steps,
                 max_step_tokens=spec.max_step_tokens, seed=sample_seed(seed, 0, stream=2), max_batch=max_batch,
                 use_chat_template=use_chat_template)

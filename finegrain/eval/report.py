@@ -411,8 +411,8 @@ def render_html(records: Sequence[SampleRecord], metrics: dict | None = None, *,
         metrics: the metrics dict (tables at the top); None for none.
         colour_by: scorer whose step (or, when the record has them, token) scores colour the
             text; None = the first scorer with token scores, else the first with step scores.
-        centers: scorer → "neutral" score (colour midpoint); default: ``SCORERS`` metadata,
-            else 0. Colours saturate at the 95th percentile of |score − center| on the page.
+        centers: scorer → "neutral" score (colour midpoint); default: the reward's ``center``
+            registry metadata (``scoring.eval_meta``), else 0. Colours saturate at the 95th percentile of |score − center| on the page.
         plots: PNG files to inline. max_problems: show only the first problems.
     """
     metrics = metrics or {}
@@ -427,11 +427,12 @@ def render_html(records: Sequence[SampleRecord], metrics: dict | None = None, *,
         colour_by = next((n for r in shown for n in r.token_scores), None) or \
             next((n for r in shown for n in r.step_scores), None)
     centers = dict(centers or {})
-    from finegrain.eval.scorers import SCORERS
+    from finegrain.eval.scoring import eval_meta, eval_names
 
+    usable = set(eval_names())
     for n in scorer_names:
         if n not in centers:
-            centers[n] = SCORERS.meta(n).get("center", 0.0) if n in SCORERS else 0.0
+            centers[n] = eval_meta(n)["center"] if n in usable else 0.0
     scales = {}
     for n in scorer_names:
         scales[("step", n)] = _scale([x for r in shown for x in r.step_scores.get(n, [])], centers[n])

@@ -2,7 +2,7 @@
 
 Both generate one *step* at a time with a Hugging Face causal LM: a step is sampled until the
 step separator (a token whose text contains ``separator``, newline for arith and GSM8K) or EOS,
-and every candidate is scored with a scorer from :mod:`finegrain.eval.scorers`. All candidates
+and every candidate is scored with a reward signal through :mod:`finegrain.eval.scoring`. All candidates
 of all problems are sampled in one batched ``generate`` call (chunks of ``max_batch`` rows).
 
 Budget letters: ``N`` = ``n_beams`` candidates per problem per iteration, ``M`` = ``beam_width``
@@ -21,8 +21,8 @@ Where this departs from the sources:
 1. A candidate's score is ``selection.aggregate_steps(step_scores, aggregation)``; the default
    'last' is ER-PRM's "score of the last (partial) step", right for PRMs whose step score
    estimates the value of the prefix. For an implicit PRM the value of a prefix is its Q-value,
-   the sum of the step rewards so far: use 'sum' (``finegrain eval`` picks it from the scorer's
-   ``value`` metadata). The final answer of a problem is its highest-scoring kept beam under the
+   the sum of the step rewards so far: use 'sum' (``finegrain eval`` picks it from the reward's
+   ``search_value`` registry metadata). The final answer of a problem is its highest-scoring kept beam under the
    same aggregation.
 2. Finished beams (EOS, or ``max_new_tokens`` reached) stay in the pool and compete with new
    candidates on their score; they are not extended. A problem stops when all its kept beams
@@ -45,7 +45,7 @@ from typing import Callable, Sequence
 
 import torch
 
-from finegrain.eval.scorers import Scores
+from finegrain.eval.scoring import Scores
 from finegrain.eval.selection import aggregate_steps
 from finegrain.registry import Registry
 from finegrain.envs.runner import render_prompt
@@ -206,7 +206,7 @@ def step_search(model, tokenizer, task, examples: list[Example], score_fn: Score
     Args:
         model, tokenizer: HF causal LM and its tokenizer (needs a pad token).
         task: gives ``segmenter`` and ``verify``. examples: the P problems.
-        score_fn: Trajectory → Scores (a ``SCORERS`` entry with its task and context bound).
+        score_fn: Trajectory → Scores (a reward signal and its task bound, ``scoring.score``).
         n_beams: N ≥ 1, a multiple of ``beam_width``; beam_width: M ≥ 1.
         tau: τ tokens before scoring a partial step, or None (plain step beam search).
         aggregation: name in ``selection.STEP_AGGREGATIONS``.

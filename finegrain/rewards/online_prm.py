@@ -17,6 +17,11 @@ Update modes (``update``):
             reference repo's 'before' crashes, verl's recipe implements it this way
     none    score only (a frozen PRM)
 
+Evaluation (``finegrain eval``, best-of-N, step search) builds this same entry from a context
+whose ``policy`` is the PRM and whose ``initial_policy()`` is its reference, with the registry's
+``eval_kwargs``: ``update: none``, ``copy_policy: false`` (score with that model as it is, no
+deep copy of a possibly large PRM), ``temperature: 1.0``.
+
 Departures: (1) one PRM optimizer step per RL step on the whole batch (PRIME splits it into
 mini-batches); (2) the PRM's own AdamW with constant LR and gradient clipping ``grad_clip``;
 (3) default lr 1e-4, not PRIME's 1e-6: PRIME's is for 7B models, and a tiny model's PRM at 1e-6
@@ -37,22 +42,34 @@ from finegrain.models.load import load_weights_into
 from finegrain.guards import check_finite, clip_and_step
 
 
+# ``level`` in kwargs overrides the registry level. In ``finegrain eval`` the PRM is a fixed model:
+# ``eval_needs="prm"`` makes the command load ``--prm`` as ``ctx.policy`` and ``--prm-ref`` as
+# ``ctx.initial_policy()``, and ``eval_kwargs`` score with it as it is (no update, no copy) at
+# temperature 1, the models' own distributions.
 @REWARDS.register("implicit_prm", level="token", levels=("token", "step"), trainable=True,
-                  bounds={"micro_batch": "[1, inf)", "beta": "(0, inf)", "lr": "(0, inf)", "grad_clip": "[0, inf)"},
+                  bounds={"micro_batch": "[1, inf)", "beta": "(0, inf)", "lr": "(0, inf)", "grad_clip": "[0, inf)",
+                          "temperature": "(0, inf)"},
                   choices={"level": ("token", "step"), "granularity": ("token", "whole"), "norm": ("none", "batch_norm"),
-                           "update": ("after", "before", "none"), "loss": ("ce", "dpo"), "ref": ("initial", "policy")})  # kwargs.level overrides
+                           "update": ("after", "before", "none"), "loss": ("ce", "dpo"), "ref": ("initial", "policy")},
+                  vote="sigmoid", center=0.0, search_value="sum", eval_needs="prm",
+                  eval_kwargs={"update": "none", "copy_policy": False, "temperature": 1.0, "micro_batch": 64})
 class OnlineImplicitPRM(ImplicitPRM):
     """ImplicitPRM plus its own optimizer and online update.
 
     Keyword args (``rewards[i].kwargs``, defaults in ``from_context``): level, granularity,
     micro_batch — see ImplicitPRM — ``norm``: 'none' | 'batch_norm' (PRIME's prime_norm: divide
     token rewards by the largest |return-to-go| in the batch), β, the update mode, the loss, the
-    PRM's learning rate and gradient clip, and π_ref ('initial' | 'policy').
+    PRM's learning rate and gradient clip, and π_ref ('initial' | 'policy'). ``temperature``
+    divides the PRM and reference logits (None = ``rollout.temperature``, which ``ref: policy``
+    needs). ``copy_policy=False`` scores with ``ctx.policy`` itself instead of a deep copy: only
+    with ``update='none'`` (an update would train that model), for a PRM that is already a
+    separate, fixed model (``finegrain eval`` loads it as ``ctx.policy``); the signal then builds
+    no optimizer and leaves the model's train/eval mode as the caller set it.
     """
 
     def __init__(self, prm_model, ref_model, *, task, beta: float, level: str, granularity: str,
                  micro_batch: int | None, temperature: float, update: str, loss: str, lr: float, grad_clip: float,
-                 norm: str):
+                 norm: str, owns_model: bool = True):
         super().__init__(prm_model, ref_model, beta=beta, level=level, granularity=granularity,
                          micro_batch=micro_batch, temperature=temperature)
         if update not in ("after", "before", "none"):
@@ -61,21 +78,34 @@ class OnlineImplicitPRM(ImplicitPRM):
             raise ValueError(f"implicit_prm.loss: expected ce | dpo, got '{loss}'")
         if norm not in ("none", "batch_norm"):
             raise ValueError(f"implicit_prm.norm: expected none | batch_norm, got '{norm}'")
+        if not owns_model and update != "none":
+            raise ValueError("implicit_prm.copy_policy: false scores with the policy itself, so it needs update: none "
+                             f"(update '{update}' would train that model)")
         self.task, self.update_mode, self.loss_name, self.grad_clip, self.norm = task, update, loss, grad_clip, norm
-        self.optimizer = torch.optim.AdamW(prm_model.parameters(), lr=lr, weight_decay=0.0)
+        self.owns_model = owns_model
+        # a shared model is never updated here: no optimizer over another component's parameters
+        self.optimizer = torch.optim.AdamW(prm_model.parameters(), lr=lr, weight_decay=0.0) if owns_model else None
         self._pending = None
 
     @classmethod
     def from_context(cls, ctx, *, level: str = "token", granularity: str = "token", micro_batch: int | None = None,
                      norm: str = "none", beta: float = 0.05, update: str = "after", loss: str = "ce", lr: float = 1e-4,
-                     grad_clip: float = 10.0, ref: str = "initial"):
-        prm = copy.deepcopy(ctx.policy)
-        for p in prm.parameters():
-            p.requires_grad_(True)
+                     grad_clip: float = 10.0, ref: str = "initial", temperature: float | None = None,
+                     copy_policy: bool = True):
+        if copy_policy:
+            prm = copy.deepcopy(ctx.policy)
+            for p in prm.parameters():
+                p.requires_grad_(True)
+        else:
+            prm = ctx.policy
         ref_model = ctx.initial_policy() if ref == "initial" else None
+        if ref == "initial" and ref_model is None:  # None would silently mean "ref: policy"
+            raise ValueError("implicit_prm.ref: 'initial' needs a reference model, and the context gave none")
+        if temperature is None:
+            temperature = ctx.cfg.rollout.temperature
         return cls(prm, ref_model, task=ctx.task, beta=beta, level=level, granularity=granularity,
-                   micro_batch=micro_batch, temperature=ctx.cfg.rollout.temperature, update=update, loss=loss, lr=lr,
-                   grad_clip=grad_clip, norm=norm)
+                   micro_batch=micro_batch, temperature=temperature, update=update, loss=loss, lr=lr,
+                   grad_clip=grad_clip, norm=norm, owns_model=copy_policy)
 
     def labels(self, traj) -> torch.Tensor:
         """(B,) float outcome labels from the task verifier."""
@@ -108,8 +138,10 @@ class OnlineImplicitPRM(ImplicitPRM):
 
     def __call__(self, traj) -> RewardOutput:
         """Score the batch; never takes an optimizer step (that is ``update``, a stage of the loop).
-        In 'after' mode the forward keeps its graph so ``update`` reuses it."""
-        self.prm_model.train()
+        In 'after' mode the forward keeps its graph so ``update`` reuses it. A shared model
+        (``copy_policy=False``) keeps the train/eval mode its owner set."""
+        if self.owns_model:
+            self.prm_model.train()
         if self.update_mode == "after":
             prm_lp, ref_lp = self.logprobs(traj, grad=True)  # (B, L) each; graph kept for update()
             self._pending = (prm_lp, ref_lp, traj)
@@ -122,7 +154,8 @@ class OnlineImplicitPRM(ImplicitPRM):
         'before': a fresh forward on the batch about to be scored. 'after': the forward kept by
         ``__call__`` on this same batch (refused for another batch).
         """
-        self.prm_model.train()
+        if self.owns_model:
+            self.prm_model.train()
         if self.update_mode == "before":
             prm_lp, ref_lp = self.logprobs(traj, grad=True)
         elif self.update_mode == "after":
@@ -137,8 +170,9 @@ class OnlineImplicitPRM(ImplicitPRM):
         return {"prm_loss": loss.detach(), "prm_grad_norm": gnorm, **metrics}
 
     def state_dict_for_checkpoint(self):
-        return self.prm_model, {"optimizer": self.optimizer.state_dict()}
+        return self.prm_model, ({"optimizer": self.optimizer.state_dict()} if self.optimizer is not None else {})
 
     def load_checkpoint(self, directory, extra: dict) -> None:
         load_weights_into(self.prm_model, directory)
-        self.optimizer.load_state_dict(extra["optimizer"])
+        if self.optimizer is not None:
+            self.optimizer.load_state_dict(extra["optimizer"])

@@ -20,7 +20,10 @@ from finegrain.rewards.base import REWARDS, RewardOutput
 from finegrain.tasks.base import STEP_CORRECT
 
 
-@REWARDS.register("step_labels", level="step")
+# In ``finegrain eval`` the exact labels are a process oracle on a 1 = correct, 0 = wrong scale
+# (``eval_kwargs``), so vote weights are the scores themselves and 0.5 is the neutral colour.
+@REWARDS.register("step_labels", level="step", vote="identity", center=0.5, search_value="min",
+                  eval_kwargs={"correct": 1.0, "wrong": 0.0})
 class TaskStepLabels:
     """r_{i,k} = correct if the task labels step k of response i correct, else wrong."""
 

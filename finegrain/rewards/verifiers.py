@@ -7,12 +7,15 @@ import torch
 from finegrain.rewards.base import REWARDS, RewardOutput
 
 
-@REWARDS.register("verifier", level="outcome")
+@REWARDS.register("verifier", level="outcome", vote="identity", center=0.5, search_value="last")
 class TaskVerifier:
     """r_i = task.verify(example_i, response_i) ∈ [0, 1], one value per response (level 'outcome').
 
     Optional shaping: ``correct`` / ``wrong`` map the verifier's 1 / 0 to other values (DAPO uses
     +1 / −1); values in between are interpolated linearly.
+
+    In ``finegrain eval`` (registry metadata ``vote``/``center``/``search_value``) it is the outcome
+    oracle: best-of-N with it picks a correct sample whenever there is one, so its curve is pass@N.
     """
 
     name = "verifier"

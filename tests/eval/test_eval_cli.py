@@ -46,7 +46,8 @@ def test_eval_arith_end_to_end(arith_models, tmp_path):
     out = tmp_path / "report"
     m = run_cli(["--model", policy, "--task", "arith", "--task-kwargs", '{"min_steps": 2, "max_steps": 3}',
                  "--n-problems", "4", "--samples", "4", "--max-new-tokens", "20", "--chunk-problems", "3",
-                 "--scorers", "oracle,implicit_prm,random,step_oracle", "--prm-ref", ref,
+                 "--scorers", "verifier,implicit_prm,random,step_labels", "--prm-ref", ref,
+                 "--reward-kwargs", '{"random": {"seed": 7}}',
                  "--search", "beam,early_reject", "--search-beams", "2,4", "--beam-width", "2", "--tau", "3",
                  "--max-steps", "3", "--search-problems", "2", "--html-problems", "2", "--no-chat-template",
                  "--out", str(out), "--quiet"])
@@ -59,15 +60,19 @@ def test_eval_arith_end_to_end(arith_models, tmp_path):
     # best-of-N with the verifier as oracle is pass@N; the random expectation is flat
     for name, ys in c["bon"].items():
         close(ys[0], acc)
-    for a, b in zip(c["bon"]["oracle"], c["pass_at"]):
+    for a, b in zip(c["bon"]["verifier"], c["pass_at"]):
         close(a, b)
     for y in c["random_expected"]:
         close(y, acc)
-    assert set(c["bon_by_aggregation"]) == {"implicit_prm", "step_oracle"}
+    assert set(c["bon_by_aggregation"]) == {"implicit_prm", "step_labels"}
     assert set(c["bon_by_aggregation"]["implicit_prm"]) == {"min", "sum", "last", "mean", "product"}
-    assert set(c["weighted_vote"]) == {"oracle", "implicit_prm", "random", "step_oracle"}
-    assert set(m["process"]["scorers"]) == {"oracle", "implicit_prm", "random", "step_oracle"}
-    assert m["meta"]["prm"] == policy and m["meta"]["prm_ref"] == ref
+    assert set(c["weighted_vote"]) == {"verifier", "implicit_prm", "random", "step_labels"}
+    assert set(m["process"]["scorers"]) == {"verifier", "implicit_prm", "random", "step_labels"}
+    assert m["meta"]["prm"] == policy and m["meta"]["prm_ref"] == ref and m["meta"]["beta"] == 0.05
+    # each scorer's kwargs: the registry's eval defaults under --reward-kwargs
+    assert m["meta"]["reward_kwargs"]["step_labels"] == {"correct": 1.0, "wrong": 0.0}
+    assert m["meta"]["reward_kwargs"]["random"] == {"seed": 7}
+    assert m["meta"]["reward_kwargs"]["implicit_prm"]["update"] == "none"
     # searches: every (method, N), guided by the first step-level scorer
     s = m["search"]
     assert s["scorer"] == "implicit_prm" and s["n_problems"] == 2
@@ -103,13 +108,19 @@ def test_run_directory_resolves_latest_policy_and_initial_reference(arith_models
 
 @pytest.mark.parametrize("extra,flag", [
     (["--model", "/nonexistent/model"], "--model"),
-    (["--scorers", "oracle,nope"], "--scorers"),
+    (["--scorers", "verifier,nope"], "--scorers"),
+    (["--scorers", "overlong"], "--scorers"),
+    (["--search", "beam", "--search-scorer", "step_oracle"], "'step_labels'"),
+    (["--reward-kwargs", "{bad"], "--reward-kwargs"),
+    (["--reward-kwargs", '{"step_labels": {"correct": 1}}'], "--reward-kwargs"),
+    (["--reward-kwargs", '{"verifier": {"right": 1}}'], "--reward-kwargs"),
+    (["--reward-kwargs", '{"implicit_prm": {"beta": 0.1}}', "--scorers", "implicit_prm", "--beta", "0.2"], "--beta"),
     (["--task-kwargs", "{bad"], "--task-kwargs"),
     (["--task-kwargs", '{"min_steps": 0}'], "min_steps"),
     (["--scorers", "implicit_prm"], "--prm-ref"),
     (["--search", "beam,dfs"], "--search"),
     (["--samples", "0"], "--samples"),
-    (["--search", "beam", "--scorers", "oracle"], "--search"),
+    (["--search", "beam", "--scorers", "verifier"], "--search"),
     (["--task", "chess"], "--task"),
     (["--temperature", "nan"], "--temperature"),
     (["--temperature", "inf"], "--temperature"),
@@ -126,6 +137,15 @@ def test_errors_are_one_line_naming_the_flag(arith_models, tmp_path, capsys, ext
     assert len(err.splitlines()) == 1 and err.startswith("finegrain eval: error:") and flag in err, err
 
 
+@pytest.mark.parametrize("old,new", [("oracle", "verifier"), ("step_oracle", "step_labels")])
+def test_old_scorer_names_point_to_the_new_reward(arith_models, tmp_path, capsys, old, new):
+    with pytest.raises(SystemExit) as exc:
+        run_cli(["--model", arith_models[0], "--scorers", f"{old},random", "--out", str(tmp_path), "--quiet"])
+    assert exc.value.code == 2
+    assert capsys.readouterr().err.splitlines() == [
+        f"finegrain eval: error: --scorers: '{old}' is now the reward '{new}'; use --scorers {new}"]
+
+
 def test_eval_gsm8k_with_bpe_qwen2(tmp_path):
     task = TASKS.get("gsm8k")()
     train = task.examples("train", 300)
@@ -134,7 +154,7 @@ def test_eval_gsm8k_with_bpe_qwen2(tmp_path):
     ref = save(tiny_causal_lm(tok, family="qwen2", size="micro", seed=1), tok, tmp_path / "ref")
     out = tmp_path / "report"
     m = run_cli(["--model", policy, "--task", "gsm8k", "--n-problems", "2", "--samples", "2",
-                 "--max-new-tokens", "12", "--scorers", "oracle,implicit_prm,random", "--prm-ref", ref,
+                 "--max-new-tokens", "12", "--scorers", "verifier,implicit_prm,random", "--prm-ref", ref,
                  "--search", "beam", "--search-beams", "2", "--beam-width", "2", "--max-steps", "2",
                  "--out", str(out), "--quiet"])
     assert m["meta"]["task"] == "gsm8k" and m["accuracy"]["n"] == 4
@@ -201,7 +221,7 @@ def test_bad_out_fails_in_one_line_before_any_work(arith_models, tmp_path, capsy
     policy, ref = arith_models
     for out, problem in bad_outs(tmp_path):
         with pytest.raises(SystemExit) as exc:
-            run_cli(["--model", policy, "--n-problems", "1", "--samples", "1", "--scorers", "oracle,implicit_prm",
+            run_cli(["--model", policy, "--n-problems", "1", "--samples", "1", "--scorers", "verifier,implicit_prm",
                      "--prm-ref", ref, "--out", str(out), "--quiet"])
         assert exc.value.code == 2
         lines = [ln for ln in capsys.readouterr().err.splitlines() if ln.strip()]

@@ -20,21 +20,22 @@ def records():
     """Two samples of one problem and one of another; the first is token-scored."""
     r0 = SampleRecord(problem=0, sample=0, prompt="Q: 7 +5 " + EVIL, reference="12", response="7+5=13\nA: 13 & <b>",
                       correct=False, answer="13", n_tokens=17, step_spans=[(0, 7), (7, 18)], step_labels=[0, -1],
-                      first_error=0, outcome_scores={"oracle": 0.0, "implicit_prm": -0.3},
-                      step_scores={"oracle": [0.0, 0.0], "implicit_prm": [-0.2, 0.1]},
+                      first_error=0, outcome_scores={"verifier": 0.0, "implicit_prm": -0.3},
+                      step_scores={"verifier": [0.0, 0.0], "implicit_prm": [-0.2, 0.1]},
                       token_spans=[(i, i + 1) for i in range(18)],
                       token_scores={"implicit_prm": [0.01 * (i - 9) for i in range(18)]})
     r1 = SampleRecord(problem=0, sample=1, prompt=r0.prompt, reference="12", response="7+5=12\nA: 12", correct=True,
                       answer="12", n_tokens=12, step_spans=[(0, 7), (7, 12)], step_labels=[1, 1], first_error=None,
-                      outcome_scores={"oracle": 1.0, "implicit_prm": 0.4},
-                      step_scores={"oracle": [1.0, 1.0], "implicit_prm": [0.3, 0.1]})
+                      outcome_scores={"verifier": 1.0, "implicit_prm": 0.4},
+                      step_scores={"verifier": [1.0, 1.0], "implicit_prm": [0.3, 0.1]})
     r2 = SampleRecord(problem=1, sample=0, prompt="Q: 1 +1", reference="2", response="", correct=False,
-                      outcome_scores={"oracle": 0.0, "implicit_prm": 0.0}, step_scores={"oracle": [], "implicit_prm": []})
+                      outcome_scores={"verifier": 0.0, "implicit_prm": 0.0},
+                      step_scores={"verifier": [], "implicit_prm": []})
     return [r0, r1, r2]
 
 
 METRICS = {"meta": {"task": "arith", "note": EVIL}, "accuracy": {"mean": 1 / 3, "lo": 0.06, "hi": 0.79, "n": 3},
-           "curves": {"Ns": [1, 2], "bon": {"oracle": [1 / 3, 0.5], "implicit_prm": [1 / 3, 0.5]},
+           "curves": {"Ns": [1, 2], "bon": {"verifier": [1 / 3, 0.5], "implicit_prm": [1 / 3, 0.5]},
                       "majority_vote": [1 / 3, 0.5], "random_expected": [1 / 3, 1 / 3], "pass_at": [1 / 3, 0.5],
                       "weighted_vote": {"implicit_prm": [1 / 3, 0.5]},
                       "bon_by_aggregation": {"implicit_prm": {"min": [1 / 3, 0.5], "sum": [1 / 3, 0.25]}}},

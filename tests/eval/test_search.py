@@ -6,12 +6,14 @@ from __future__ import annotations
 import pytest
 import torch
 
-from finegrain.eval.scorers import SCORERS, ScorerContext, Scores, num_steps
+from finegrain.config import RunConfig
+from finegrain.eval.scoring import Scores, build_scorers, num_steps, score
 from finegrain.eval.search import SEARCHES, keep_top, step_search, stop_token_ids
 from finegrain.eval.selection import aggregate_steps
 from finegrain.models.tiny import tiny_causal_lm
 from finegrain.models.tokenizer import train_bpe_tokenizer
 from finegrain.sampling import SamplingParams
+from finegrain.train.stages import RewardContext
 
 
 @pytest.fixture(scope="module")
@@ -141,9 +143,10 @@ def test_implicit_prm_guided_search_on_bpe_qwen2(task):
     bpe = train_bpe_tokenizer(texts, vocab_size=300)
     policy = tiny_causal_lm(bpe, family="qwen2", size="micro", seed=0)
     ref = tiny_causal_lm(bpe, family="qwen2", size="micro", seed=1)
-    ctx = ScorerContext(prm_model=policy, ref_model=ref, beta=0.05)
+    ctx = RewardContext(RunConfig(), task, bpe, policy, lambda: ref)  # policy = the PRM, initial = its reference
+    prm = build_scorers(["implicit_prm"], ctx)["implicit_prm"]
     ex = task.examples("test", 2)
-    res = SEARCHES.get("early_reject")(policy, bpe, task, ex, lambda t: SCORERS.get("implicit_prm")(t, task, ctx),
+    res = SEARCHES.get("early_reject")(policy, bpe, task, ex, lambda t: score(prm, t, task),
                                        n_beams=4, beam_width=2, tau=2, seed=0, **OPTS)
     assert len(res.responses) == 2 and all(t > 0 for t in res.generated_tokens)
     assert all(isinstance(s, float) for s in res.scores)

@@ -205,3 +205,23 @@ def entropy(logits):
             out_row.append(H)
         out.append(out_row)
     return out
+
+
+# ------------------------------------------------------------------------------ eval/scoring.py
+
+def token_scores_reference(values, mask, step_ids, num_steps):
+    """Token-level eval scores, one token at a time: step k of a response = Σ of the applicable
+    values of its tokens (0 when none is), outcome = Σ of every applicable value (tokens outside
+    all steps included). Returns (steps: B lists of num_steps[b] floats, outcome: B floats)."""
+    steps, outcome = [], []
+    for row, mrow, srow, n in zip(values, mask, step_ids, num_steps):
+        per_step = [0.0] * n
+        total = 0.0
+        for v, m, k in zip(row, mrow, srow):
+            if m:
+                total += v
+                if 0 <= k < n:
+                    per_step[k] += v
+        steps.append(per_step)
+        outcome.append(total)
+    return steps, outcome
