@@ -244,7 +244,8 @@ def test_default_dir_env_var(monkeypatch, tmp_path):
     monkeypatch.setenv("FINEGRAIN_GSM8K_DIR", str(tmp_path))
     assert default_data_dir() == tmp_path
     monkeypatch.delenv("FINEGRAIN_GSM8K_DIR")
-    assert default_data_dir().parts[-4:] == ("tasks", "data", "gsm8k")  # shipped inside the package
+    assert default_data_dir().parts[-3:] == ("tasks", "data", "gsm8k")  # shipped inside the package
+    assert (default_data_dir() / "test.jsonl").is_file()
 
 
 def test_missing_file(tmp_path):
