@@ -27,8 +27,8 @@ from finegrain.guards import check_finite
 from finegrain.lock import RunLock
 from finegrain.train.logging import RunLogger, prefixed, read_log, require_wandb, wandb_settings
 from finegrain.progress import Progress
-from finegrain.train.stages import (build_run, collect_batch, compute_advantages, score_batch, task_for, update_policy,
-                                    update_reward_models)
+from finegrain.train.stages import (build_run, collect_batch, compute_advantages, rollout_metrics, score_batch, task_for,
+                                    update_policy, update_reward_models)
 
 
 def apply_optim_config(optimizer, scheduler, cfg: RunConfig) -> None:
@@ -142,6 +142,7 @@ def _train(cfg: RunConfig, out: Path, stop_after: int | None, log: Callable[[str
             row |= {"adv/mean": masked_mean(advantages, traj.loss_mask), "adv/abs_mean": masked_mean(advantages.abs(), traj.loss_mask),
                    "rollout/response_len": traj.response_mask.sum(1).float().mean(),
                    "rollout/truncated_frac": traj.truncated.float().mean(), "rollout/rows": traj.batch_size,
+                   **rollout_metrics(traj),
                    "optim/lr": run.scheduler.get_last_lr()[0], "time/generate": t_gen - t0, "time/score": t_score - t_gen,
                    "time/update": t_upd - t_score, "time/step": t_upd - t0}
             if (cfg.train.eval_every and (step + 1) % cfg.train.eval_every == 0 and step + 1 < cfg.train.steps):

@@ -264,5 +264,25 @@ def update_policy(run: Run, traj: Trajectory, advantages: torch.Tensor, scored: 
                          max_new_tokens=cfg.rollout.max_new_tokens, generator=run.shuffle)
 
 
+def rollout_metrics(traj: Trajectory) -> dict[str, float]:
+    """Episode shape from the environment's per-turn reports: turns and tool calls per episode,
+    and the rate of each reported error kind per turn (``rollout/errors/<kind>``; an environment
+    reports an error as ``metadata["error"]``, e.g. tool_use's malformed / unknown_tool /
+    bad_arguments / raised / timeout). Empty for batches without turn reports."""
+    if not traj.turn_info:
+        return {}
+    turns = [len(t) for t in traj.turn_info]
+    n_turns = max(sum(turns), 1)
+    calls = sum(1 for row in traj.turn_info for t in row if t.get("call"))
+    kinds: dict[str, int] = {}
+    for row in traj.turn_info:
+        for t in row:
+            if t.get("error"):
+                kinds[str(t["error"])] = kinds.get(str(t["error"]), 0) + 1
+    out = {"rollout/turns": sum(turns) / len(turns), "rollout/tool_calls": calls / len(turns)}
+    out |= {f"rollout/errors/{k}": v / n_turns for k, v in sorted(kinds.items())}
+    return out
+
+
 def task_for(cfg: RunConfig):
     return TASKS.get(cfg.task.name)(**cfg.task.kwargs)

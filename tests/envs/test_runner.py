@@ -146,3 +146,17 @@ def _schemas(task):
     from finegrain.envs.chat import tool_schemas
 
     return tool_schemas(task.tools(task.examples("train", 1)[0]))
+
+
+def test_rollout_metrics_count_turns_calls_and_error_kinds():
+    from finegrain.train.stages import rollout_metrics
+
+    class T:  # only turn_info is read
+        turn_info = [[{"call": {"name": "f", "args": []}, "error": None, "result": "1"},
+                      {"call": None, "error": "malformed", "result": None},
+                      {"call": None, "error": None, "result": None}],
+                     [{"call": {"name": "g", "args": []}, "error": "timeout", "result": None}]]
+
+    m = rollout_metrics(T())
+    assert m == {"rollout/turns": 2.0, "rollout/tool_calls": 1.0,  # 4 turns, 2 calls, 2 episodes
+                 "rollout/errors/malformed": 0.25, "rollout/errors/timeout": 0.25}
