@@ -3,14 +3,17 @@
     finegrain eval --model PATH_OR_RUN_DIR --task arith|gsm8k [--task-kwargs JSON]
                    [--n-problems 500] [--samples 16] [--temperature 1.0] [--max-new-tokens 48]
                    [--scorers verifier,implicit_prm,random] [--reward-kwargs JSON] [--prm PATH] [--prm-ref PATH]
-                   [--search beam,early_reject] [--out DIR] [--seed 0]
+                   [--search beam,early_reject] [--env tool_use] [--env-kwargs JSON] [--max-turns N]
+                   [--out DIR] [--seed 0]
 
 ``--model`` is a Hugging Face model directory (or Hub id), or a ``finegrain train`` run
 directory, which resolves to its latest checkpoint's ``policy`` directory. ``--out`` must be a
 directory that exists or can be created, and writable; it is checked (and created) before any
 model is loaded. Scorers are reward signals of ``finegrain.rewards.REWARDS`` (the ones training
 uses), built with a ``RewardContext`` whose policy is the PRM (``--prm``) and whose initial policy
-is its reference (``--prm-ref``). See docs/eval.md.
+is its reference (``--prm-ref``). Episodes run in the run directory's environment
+(``rollout.env`` / ``env_kwargs`` / ``max_turns`` of its config.yaml, e.g. ``tool_use``), or in
+``--env`` / ``--env-kwargs`` / ``--max-turns``; default ``single_turn``. See docs/eval.md.
 """
 
 from __future__ import annotations
@@ -48,7 +51,8 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
                     "labels, optional PRM-guided step search, and write a report directory.")
     e.add_argument("--model", required=True, help="HF model directory or Hub id, or a run directory "
                                                   "(uses checkpoints/latest → policy)")
-    e.add_argument("--task", default=None, help="arith | gsm8k (default: the run directory's task, else arith)")
+    e.add_argument("--task", default=None, help="a task name: arith, gsm8k, lookup, arith_calc, ... (default: the run "
+                                               "directory's task, else arith)")
     e.add_argument("--task-kwargs", default=None, help="JSON object of task constructor arguments, "
                                                        "e.g. '{\"min_steps\": 2, \"max_steps\": 4}'")
     e.add_argument("--split", default="test", help="train | test (default test)")
@@ -93,6 +97,13 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
                                                           "shared CPU, 1 is much faster for tiny models")
     e.add_argument("--no-chat-template", action="store_true", help="feed raw prompts even if the tokenizer has "
                                                                     "a chat template")
+    e.add_argument("--env", default=None, help="environment of the episodes (finegrain.envs.ENVIRONMENTS, e.g. "
+                                               "tool_use; default: the run directory's rollout.env, else single_turn)")
+    e.add_argument("--env-kwargs", default=None, help="JSON object of environment keyword arguments, e.g. "
+                                                      "'{\"tool_timeout\": 2.0}' (default: the run's "
+                                                      "rollout.env_kwargs for the same environment, else {})")
+    e.add_argument("--max-turns", type=int, default=None, help="model turns per episode (default: the run's "
+                                                               "rollout.max_turns, else the environment's own)")
     e.add_argument("--out", default="runs/eval", help="report directory")
     e.add_argument("--seed", type=int, default=0, help="sampling seed")
     e.add_argument("--quiet", action="store_true", help="no progress output")
@@ -254,6 +265,14 @@ def _run(args: argparse.Namespace) -> dict:
     examples = task.examples(args.split, args.n_problems)
     if not examples:
         raise ValueError(f"--n-problems: task '{task_name}' has no '{args.split}' problems")
+    env, env_kwargs, max_turns = _environment(args, run_cfg, run_dir)
+    if env != "single_turn" and max_turns != 1:
+        if methods:
+            raise ValueError(f"--search: step searches sample single responses; they cannot run in the "
+                             f"environment '{env}' (use --env single_turn or drop --search)")
+    chat_tokenizer = env_kwargs.get("format") == "chat" and "tokenizer" not in env_kwargs
+    if not chat_tokenizer:  # the chat format needs the policy's tokenizer: checked once it is loaded
+        _probe_environment(env, env_kwargs, task, args)
 
     prm_path = ref_path = None
     needs_prm = [n for n in scorers if eval_meta(n)["eval_needs"] == "prm"]
@@ -282,6 +301,9 @@ def _run(args: argparse.Namespace) -> dict:
     model, tok = load_pretrained(model_path, device=args.device, where="--model")
     device = resolve_device(args.device)
     _set_threads(args.threads, model, device, log)
+    if chat_tokenizer:
+        env_kwargs["tokenizer"] = tok
+        _probe_environment(env, env_kwargs, task, args)
     meta = {"model": model_path, "task_kwargs": task_kwargs, "split": args.split, "reward_kwargs": reward_kwargs}
     prm_model = ref_model = None
     if prm_path is not None:
@@ -292,7 +314,8 @@ def _run(args: argparse.Namespace) -> dict:
             raise ValueError("--prm/--prm-ref: the PRM and its reference must share the policy's tokenizer "
                              f"(vocab sizes {prm_model.config.vocab_size}, {ref_model.config.vocab_size} "
                              f"vs {model.config.vocab_size})")
-    ctx = _reward_context(args, task_name, task_kwargs, model_path, task, tok, model, prm_model, ref_model)
+    ctx = _reward_context(args, task_name, task_kwargs, model_path, task, tok, model, prm_model, ref_model,
+                          env, env_kwargs, max_turns)
     signals = build_scorers(scorers, ctx, reward_kwargs)
     if prm_path is not None:
         beta = getattr(signals[needs_prm[0]], "beta", None)
@@ -304,14 +327,61 @@ def _run(args: argparse.Namespace) -> dict:
                       aggregation=args.search_aggregation, n_problems=args.search_problems)
     sampling = SamplingParams(temperature=args.temperature, top_p=args.top_p, top_k=args.top_k,
                               max_new_tokens=args.max_new_tokens)
-    log(f"evaluating {len(examples)} {task_name} problems x {args.samples} samples; scorers {', '.join(scorers)}")
+    episodes = "samples" if env == "single_turn" else f"episodes in environment {env}"
+    log(f"evaluating {len(examples)} {task_name} problems x {args.samples} {episodes}; scorers {', '.join(scorers)}")
     metrics = run_eval(model, tok, task, examples, out_dir=args.out, scorers=signals, samples=args.samples,
                        sampling=sampling, seed=args.seed, aggregation=args.aggregation, search=spec,
                        html_problems=args.html_problems, chunk_problems=args.chunk_problems,
                        max_batch=args.max_batch, use_chat_template=not args.no_chat_template, meta=meta, log=log,
-                       progress=not args.quiet)
+                       progress=not args.quiet, env=env, env_kwargs=env_kwargs, max_turns=max_turns)
     _summary(metrics, Path(args.out), time.time() - t_start, log)
     return metrics
+
+
+def _environment(args, run_cfg: dict, run_dir: Path | None) -> tuple[str, dict, int | None]:
+    """(environment, its keyword arguments, max turns or None for the environment's own).
+
+    ``--env`` / ``--env-kwargs`` / ``--max-turns`` when given; else the run's ``rollout.env``,
+    ``rollout.env_kwargs`` (only for that same environment) and ``rollout.max_turns`` (0 = the
+    environment's own); else ``single_turn``.
+    """
+    from finegrain.envs import ENVIRONMENTS
+
+    rollout = run_cfg.get("rollout") or {}
+    env = args.env or rollout.get("env") or "single_turn"
+    if env not in ENVIRONMENTS:
+        where = "--env" if args.env else f"--env: the run's rollout.env ({run_dir / 'config.yaml'})"
+        raise ValueError(f"{where}: unknown environment '{env}'; available: {', '.join(ENVIRONMENTS.names())}")
+    same = rollout.get("env", "single_turn") == env
+    if args.env_kwargs is not None:
+        try:
+            env_kwargs = json.loads(args.env_kwargs)
+        except json.JSONDecodeError as err:
+            raise ValueError(f"--env-kwargs: not valid JSON ({err.msg})") from None
+        if not isinstance(env_kwargs, dict):
+            raise ValueError("--env-kwargs: expected a JSON object")
+    else:
+        env_kwargs = dict(rollout.get("env_kwargs") or {}) if same else {}
+    if args.max_turns is not None:
+        if args.max_turns < 1:
+            raise ValueError(f"--max-turns: expected >= 1, got {args.max_turns}")
+        max_turns = args.max_turns
+    else:
+        max_turns = (rollout.get("max_turns") or None) if same else None
+    return env, env_kwargs, max_turns
+
+
+def _probe_environment(env: str, env_kwargs: dict, task, args) -> None:
+    """Build the environment once with the task, as the rollout will, so a wrong keyword argument
+    or a task it cannot run (e.g. ``tool_use`` with a task without tools) fails in one line now."""
+    from finegrain.envs import ENVIRONMENTS
+
+    try:
+        ENVIRONMENTS.get(env)(task=task, **env_kwargs)
+    except (TypeError, ValueError) as err:
+        where = "--env-kwargs" if env_kwargs and args.env_kwargs is not None else "--env"
+        hint = "" if args.env else " (the run's rollout.env; --env single_turn evaluates single responses)"
+        raise ValueError(f"{where}: environment '{env}' with task '{task.name}': {err}{hint}") from None
 
 
 def _reward_kwargs(args, scorers: list[str]) -> dict[str, dict]:
@@ -340,10 +410,11 @@ def _reward_kwargs(args, scorers: list[str]) -> dict[str, dict]:
     return {name: scorer_kwargs(name, given[name], "--reward-kwargs") for name in scorers}
 
 
-def _reward_context(args, task_name, task_kwargs, model_path, task, tok, model, prm_model, ref_model):
+def _reward_context(args, task_name, task_kwargs, model_path, task, tok, model, prm_model, ref_model,
+                    env="single_turn", env_kwargs=None, max_turns=None):
     """The ``RewardContext`` the scorers are built with, as in training: ``cfg`` describes this
-    evaluation (task, sampling, ``train.seed`` = ``--seed``, which seeds the random reward);
-    ``policy`` is the PRM and ``initial_policy()`` its reference when one is loaded."""
+    evaluation (task, sampling, environment, ``train.seed`` = ``--seed``, which seeds the random
+    reward); ``policy`` is the PRM and ``initial_policy()`` its reference when one is loaded."""
     from finegrain.config import RunConfig
     from finegrain.train.stages import RewardContext
 
@@ -352,6 +423,8 @@ def _reward_context(args, task_name, task_kwargs, model_path, task, tok, model, 
     cfg.task.name, cfg.task.kwargs = task_name, dict(task_kwargs)
     cfg.rollout.temperature, cfg.rollout.top_p, cfg.rollout.top_k = args.temperature, args.top_p, args.top_k
     cfg.rollout.max_new_tokens = args.max_new_tokens
+    cfg.rollout.env, cfg.rollout.env_kwargs = env, {k: v for k, v in (env_kwargs or {}).items() if k != "tokenizer"}
+    cfg.rollout.max_turns = max_turns or 0
     cfg.train.seed = args.seed
 
     def initial_policy():

@@ -2,13 +2,15 @@
 
 Pipeline (each stage one call into an existing part):
 
-    Rollout.generate (n samples per problem, through the sampling layer)
+    Rollout.generate (n episodes per problem, through the sampling layer and an environment:
+                      single_turn by default, or a multi-turn one such as tool_use)
       → verifier + exact step labels (``task.verify``, ``task.label_steps``)
       → reward signals (REWARDS: verifier, implicit_prm, ...) finegrain.eval.scoring
       → best-of-N / weighted-vote / majority curves          finegrain.eval.selection
       → process metrics against the exact labels             finegrain.eval.process
       → optional PRM-guided step search (beam, ER-PRM)       finegrain.eval.search
       → report directory                                     finegrain.eval.report
+        (multi-turn episodes: turn by turn, finegrain.eval.turns)
 
 Sampling runs in chunks of ``chunk_problems`` problems; chunk c is sampled with seed
 ``sample_seed(seed, c, stream=1)``, so results depend on (seed, chunk size), not on the
@@ -33,9 +35,10 @@ from finegrain.eval.scoring import Scores, check_scorer, eval_meta, score, selec
 from finegrain.eval.search import SEARCHES
 from finegrain.eval.selection import (STEP_AGGREGATIONS, aggregate_steps, bon_curve, majority_curve, random_curve,
                                       weighted_vote_curve)
+from finegrain.eval.turns import turn_records
 from finegrain.registry import Registry
 from finegrain.rewards.base import RewardSignal
-from finegrain.envs.rollout import hf_rollout
+from finegrain.envs.rollout import Rollout, hf_rollout
 from finegrain.sampling import SamplingParams, sample_seed
 from finegrain.segment import token_char_offsets
 
@@ -58,6 +61,20 @@ def gsm8k_answer(text: str) -> str | None:
     from finegrain.tasks.gsm8k import extract_answer
 
     return extract_answer(text)
+
+
+@ANSWERS.register("lookup")
+def lookup_answer(text: str) -> str | None:
+    """The entity on the last ``A: <name>`` line of a lookup episode (``tasks.lookup.parse_entity_answer``)."""
+    from finegrain.tasks.lookup import parse_entity_answer
+
+    return parse_entity_answer(text)
+
+
+@ANSWERS.register("arith_calc")
+def arith_calc_answer(text: str) -> str | None:
+    """The last ``A: <int>`` of an arith_calc episode, as text (the rule of its verifier)."""
+    return arith_answer(text)
 
 
 @dataclass(frozen=True)
@@ -84,6 +101,18 @@ class SearchSpec:
     max_step_tokens: int | None = None
     aggregation: str | None = None
     n_problems: int | None = 100
+
+
+def env_meta(env: str, env_kwargs: Mapping | None, max_turns: int) -> dict:
+    """The environment settings recorded in ``metrics["meta"]``; an option that is not plain data
+    (e.g. the chat format's tokenizer) is recorded by its type name.
+
+    >>> env_meta("tool_use", {"tool_timeout": 1.0, "tokenizer": object()}, 4)
+    {'env': 'tool_use', 'env_kwargs': {'tool_timeout': 1.0, 'tokenizer': '<object>'}, 'max_turns': 4}
+    """
+    plain = (str, int, float, bool, type(None), list, dict, tuple)
+    kwargs = {k: v if isinstance(v, plain) else f"<{type(v).__name__}>" for k, v in (env_kwargs or {}).items()}
+    return {"env": env, "env_kwargs": kwargs, "max_turns": max_turns}
 
 
 def default_Ns(n: int) -> list[int]:
@@ -176,11 +205,17 @@ def process_metrics(records: Sequence[SampleRecord], scorer_names: Sequence[str]
     return out
 
 
-def _records(traj, scores: dict[str, Scores], task, tokenizer, answer_fn, sample_counter: dict, keep_tokens: int
-             ) -> list[SampleRecord]:
-    """One SampleRecord per row of ``traj``; token spans and scores only for problems < keep_tokens."""
+def _records(traj, scores: dict[str, Scores], task, tokenizer, answer_fn, sample_counter: dict, keep_tokens: int,
+             multi_turn: bool = False) -> list[SampleRecord]:
+    """One SampleRecord per row of ``traj``; token spans and scores only for problems < keep_tokens;
+    the turns of every episode when ``multi_turn``."""
     out = []
     lengths = traj.response_mask.sum(dim=1).tolist()
+    if multi_turn:
+        turn_ids, trained = traj.turns.cpu(), traj.loss_mask.cpu()
+        env_rewards = [[float(v) if m else None for v, m in zip(vs, ms)]
+                       for vs, ms in zip(traj.turn_rewards.cpu().tolist(), traj.turn_reward_mask.cpu().tolist())] \
+            if traj.turn_rewards is not None else [[] for _ in range(traj.batch_size)]
     for b, (ex, text) in enumerate(zip(traj.examples, traj.response_texts)):
         p = int(traj.group_ids[b])
         k = sample_counter.get(p, 0)
@@ -203,8 +238,36 @@ def _records(traj, scores: dict[str, Scores], task, tokenizer, answer_fn, sample
             ids = traj.response_ids[b, :lengths[b]].tolist()
             rec.token_spans = token_char_offsets(tokenizer, ids)[1]
             rec.token_scores = {n: list(s.token[b]) for n, s in scores.items() if s.token is not None}
+        if multi_turn:
+            n = lengths[b]
+            rec.turns = turn_records(tokenizer, traj.response_ids[b, :n].tolist(), turn_ids[b, :n].tolist(),
+                                     trained[b, :n].tolist(), text, step_spans=spans, env_rewards=env_rewards[b],
+                                     turn_info=traj.turn_info[b] if traj.turn_info else [],
+                                     turn_scores={name: s.turn[b] for name, s in scores.items() if s.turn is not None})
         out.append(rec)
     return out
+
+
+def turn_metrics(records: Sequence[SampleRecord]) -> dict:
+    """Turn statistics of multi-turn episodes: mean turns and tool calls per episode, the fraction
+    of episodes that ended on a limit, and per error kind the fraction of turns that had it
+    ({} when no record has turns).
+
+    >>> from finegrain.eval.turns import TurnRecord
+    >>> r = SampleRecord(0, 0, "", "", "", False, turns=[TurnRecord(0, "", (0, 0), call={"name": "f", "args": []}),
+    ...                                                  TurnRecord(1, "", (0, 0), error="malformed")])
+    >>> turn_metrics([r])
+    {'episodes': 1, 'mean_turns': 2.0, 'mean_tool_calls': 1.0, 'truncated_frac': 0.0, 'error_frac': {'malformed': 0.5}}
+    """
+    rs = [r for r in records if r.turns is not None]
+    if not rs:
+        return {}
+    turns = [t for r in rs for t in r.turns]
+    kinds = sorted({str(t.error) for t in turns if t.error is not None})
+    return {"episodes": len(rs), "mean_turns": len(turns) / len(rs),
+            "mean_tool_calls": sum(t.call is not None for t in turns) / len(rs),
+            "truncated_frac": sum(r.truncated for r in rs) / len(rs),
+            "error_frac": {k: sum(str(t.error) == k for t in turns if t.error is not None) / len(turns) for k in kinds}}
 
 
 def run_eval(model, tokenizer, task, examples, *, out_dir: str | Path, scorers: Mapping[str, RewardSignal],
@@ -212,7 +275,8 @@ def run_eval(model, tokenizer, task, examples, *, out_dir: str | Path, scorers: 
              seed: int = 0, aggregation: str = "min", Ns: Sequence[int] | None = None,
              search: SearchSpec = SearchSpec(), html_problems: int = 20, chunk_problems: int = 64,
              max_batch: int = 256, use_chat_template: bool = True, meta: dict | None = None,
-             log: Callable[[str], None] = print, progress: bool = True) -> dict:
+             log: Callable[[str], None] = print, progress: bool = True, env: str = "single_turn",
+             env_kwargs: Mapping | None = None, max_turns: int | None = None) -> dict:
     """Sample ``samples`` responses per problem, score them with every scorer, measure selection
     and process metrics, optionally run step searches, and write the report into ``out_dir``.
 
@@ -230,6 +294,11 @@ def run_eval(model, tokenizer, task, examples, *, out_dir: str | Path, scorers: 
         search: step searches to run (:class:`SearchSpec`).
         html_problems: problems shown on the HTML page (with token-level scores).
         meta: extra settings recorded in metrics["meta"] (e.g. the model path).
+        env, env_kwargs, max_turns: the environment episodes run in (``finegrain.envs.ENVIRONMENTS``,
+            built with ``task`` and ``env_kwargs``; ``max_turns`` None = the environment's own), as
+            ``rollout.env`` / ``env_kwargs`` / ``max_turns`` in training. With more than one turn,
+            every record carries its turns (``SampleRecord.turns``), ``metrics["turns"]`` their
+            statistics, and step searches are refused (they sample single responses).
     Returns:
         the metrics dict (also in ``out_dir/metrics.json``).
     """
@@ -248,8 +317,19 @@ def run_eval(model, tokenizer, task, examples, *, out_dir: str | Path, scorers: 
         raise ValueError(f"run_eval: needs samples >= 1 and at least one problem, got {samples} and {len(examples)}")
     Ns = list(Ns) if Ns is not None else default_Ns(samples)
     answer_fn = ANSWERS.get(task.name) if task.name in ANSWERS else getattr(task, "extract_answer", None)
-    engine = hf_rollout(model, tokenizer, segmenter=task.segmenter, max_batch=max_batch,
-                        use_chat_template=use_chat_template)
+    if env == "single_turn" and not env_kwargs and max_turns is None:
+        engine = hf_rollout(model, tokenizer, segmenter=task.segmenter, max_batch=max_batch,
+                            use_chat_template=use_chat_template)
+    else:
+        from finegrain.sampling.hf import HFSampler
+
+        engine = Rollout(HFSampler(model, tokenizer, max_batch=max_batch), segmenter=task.segmenter, env=env,
+                         env_kwargs=dict(env_kwargs or {}), task=task, max_turns=max_turns,
+                         use_chat_template=use_chat_template)
+    multi_turn = engine.max_turns > 1
+    if multi_turn and search.methods:
+        raise ValueError(f"search: step searches sample single responses; they cannot run in the multi-turn "
+                         f"environment '{env}'")
     timing = {"generate_s": 0.0, "score_s": {n: 0.0 for n in scorers}, "records_s": 0.0}
     records: list[SampleRecord] = []
     counter: dict[int, int] = {}
@@ -267,7 +347,7 @@ def run_eval(model, tokenizer, task, examples, *, out_dir: str | Path, scorers: 
                 out[name] = score(scorers[name], traj, task)
                 timing["score_s"][name] += time.time() - t0
             t0 = time.time()
-            records += _records(traj, out, task, tokenizer, answer_fn, counter, html_problems)
+            records += _records(traj, out, task, tokenizer, answer_fn, counter, html_problems, multi_turn)
             timing["records_s"] += time.time() - t0
             bar.update(start + len(chunk), info=f"{len(records)} responses")
 
@@ -299,13 +379,17 @@ def run_eval(model, tokenizer, task, examples, *, out_dir: str | Path, scorers: 
     metrics = {
         "meta": {"task": task.name, "n_problems": P, "samples": samples, "temperature": sampling.temperature,
                  "top_p": sampling.top_p, "top_k": sampling.top_k, "max_new_tokens": sampling.max_new_tokens,
-                 "seed": seed, "scorers": list(scorers), "aggregation": aggregation, **(meta or {})},
+                 "seed": seed, "scorers": list(scorers), "aggregation": aggregation,
+                 **(env_meta(env, env_kwargs, engine.max_turns) if engine.env_name != "single_turn" or env_kwargs
+                    or max_turns is not None else {}), **(meta or {})},
         "accuracy": accuracy_with_ci(correct.ravel().tolist()),
         "truncated_frac": float(np.mean([r.truncated for r in grid])),
         "mean_response_tokens": float(lengths.mean()),
         "curves": curves,
         "process": process_metrics(grid, scorers),
     }
+    if multi_turn:
+        metrics["turns"] = turn_metrics(grid)
     timing["metrics_s"] = time.time() - t0
 
     if search.methods:

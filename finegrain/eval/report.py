@@ -12,7 +12,9 @@ Files written by :func:`write_report` into ``out_dir``:
                        (only when a search ran)
     report.html        one file, inline CSS, plots inlined as data URIs, no script and no
                        external asset: the metrics tables, then the sampled solutions with each
-                       step (or token) coloured by its score and the exact step label beside it
+                       step (or token) coloured by its score and the exact step label beside it;
+                       a multi-turn episode turn by turn (model text, its tool call, the
+                       observation marked as not trained, errors, turn rewards coloured)
 
 All text from models, tasks and users goes through ``html.escape``.
 """
@@ -26,6 +28,8 @@ import math
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Sequence
+
+from finegrain.eval.turns import TurnRecord
 
 LABEL_NAMES = {1: "correct", 0: "wrong", -1: "unparseable"}
 LABEL_MARKS = {1: "✓", 0: "✗", -1: "?"}
@@ -45,6 +49,8 @@ class SampleRecord:
     outcome_scores: scorer name → response score. step_scores: scorer name → one per step.
     token_spans: (start, end) characters of each response token, or None (not kept).
     token_scores: scorer name → one score per token of ``token_spans``.
+    turns: the episode's turns (:class:`finegrain.eval.turns.TurnRecord`) when it ran in a
+        multi-turn environment; None for a single-turn response (and then left out of its JSON).
     """
 
     problem: int
@@ -63,13 +69,17 @@ class SampleRecord:
     step_scores: dict[str, list[float]] = field(default_factory=dict)
     token_spans: list[tuple[int, int]] | None = None
     token_scores: dict[str, list[float]] = field(default_factory=dict)
+    turns: list[TurnRecord] | None = None
 
     def to_json(self, with_tokens: bool = False) -> dict:
-        """A JSON-ready dict (token spans and scores only if ``with_tokens``)."""
+        """A JSON-ready dict (token spans and scores only if ``with_tokens``; turns only when the
+        record has them)."""
         d = asdict(self)
         if not with_tokens:
             d.pop("token_spans")
             d.pop("token_scores")
+        if d["turns"] is None:
+            d.pop("turns")
         return d
 
 
@@ -230,6 +240,23 @@ td.step-text{white-space:pre-wrap}
 td.score{text-align:right;font-size:0.8em;white-space:nowrap}
 .tok{border-radius:2px}
 pre.raw{white-space:pre-wrap;background:#f7f7f7;padding:4px;font-size:0.85em}
+.turns{display:flex;flex-direction:column;gap:0.35em}
+.turn{border:1px solid #e3e3e3;border-radius:4px;padding:0.25em 0.5em}
+.turn.turn-error{border-color:#e57373}
+.turn-head{font-size:0.8em;color:#444;display:flex;flex-wrap:wrap;gap:0.3em 0.8em;align-items:center}
+.turn-reward{padding:0 5px;border-radius:3px;border:1px solid #ddd;white-space:nowrap}
+.turn-label{padding:0 4px;border-radius:3px;white-space:nowrap}
+.error-badge{color:#fff;background:#c62828;padding:0 5px;border-radius:3px;font-weight:600}
+.model-text{white-space:pre-wrap;font-family:ui-monospace,Menlo,Consolas,monospace;font-size:0.9em;margin:0.2em 0}
+.model-text .empty{color:#999;font-style:italic}
+.tool-call{outline:2px solid #1565c0;border-radius:3px;background:#e3f2fd;color:#0d47a1;font-weight:600}
+.tool-call.call-error{outline-color:#c62828;background:#ffebee;color:#b71c1c}
+.observation{color:#666;background:#e8e8e8;border-left:4px dashed #9e9e9e;padding:0.15em 0.5em;margin:0.2em 0}
+.observation pre{white-space:pre-wrap;margin:0;font-family:ui-monospace,Menlo,Consolas,monospace;font-size:0.85em;
+color:#616161}
+.untrained{font-family:system-ui,sans-serif;font-size:0.72em;text-transform:uppercase;letter-spacing:0.04em;
+color:#757575}
+.not-shown{font-size:0.75em;color:#888;font-style:italic}
 """.strip()
 
 
@@ -314,6 +341,13 @@ def _metrics_html(metrics: dict) -> str:
             parts.append(_table(["sampled responses", "value"],
                                 [["right answer with a non-correct step (among right)", msr.get("among_correct")],
                                  ["error-free responses", proc.get("error_free_frac")]]))
+    turns = metrics.get("turns") or {}
+    if turns:
+        rows = [["episodes", turns.get("episodes")], ["turns per episode", turns.get("mean_turns")],
+                ["tool calls per episode", turns.get("mean_tool_calls")],
+                ["episodes cut by a limit", turns.get("truncated_frac")]]
+        rows += [[f"turns with error: {k}", v] for k, v in (turns.get("error_frac") or {}).items()]
+        parts.append("<h3>Turns (multi-turn episodes)</h3>" + _table(["statistic", "value"], rows))
     search = metrics.get("search") or {}
     if search.get("runs"):
         rows = [[r["method"], r["n_beams"], r["beam_width"], r.get("tau"), r["accuracy"], r["tokens_per_problem"],
@@ -340,7 +374,12 @@ def _step_text_html(rec: SampleRecord, s: int, e: int, colour_by: str | None, ce
     """The step's text (trailing newlines dropped), coloured per token when token scores exist,
     else as a whole by the step score."""
     text = rec.response[s:e].rstrip("\n")
-    e = s + len(text)
+    return _text_html(rec, s, s + len(text), colour_by, centers, scales, owner)
+
+
+def _text_html(rec: SampleRecord, s: int, e: int, colour_by: str | None, centers: dict, scales: dict,
+               owner: list[int] | None) -> str:
+    """``rec.response[s:e]``, escaped, coloured per token when ``colour_by`` has token scores."""
     tok_scores = rec.token_scores.get(colour_by) if colour_by else None
     if tok_scores is not None and owner is not None:
         center, scale = centers.get(colour_by, 0.0), scales.get(("token", colour_by), 0.0)
@@ -358,7 +397,100 @@ def _step_text_html(rec: SampleRecord, s: int, e: int, colour_by: str | None, ce
                 out.append(piece)
             c = d
         return "".join(out)
-    return _e(text)
+    return _e(rec.response[s:e])
+
+
+ENV_REWARD = "environment"  # the source name of the environment's own turn rewards (centre 0)
+
+
+def _chip(label: str, value: float | None, center: float, scale: float, source: str) -> str:
+    """A turn reward: its source and value on the report's colour scale (uncoloured when None)."""
+    colour = score_colour(value, center, scale) if value is not None else "transparent"
+    shown = _fmt(value) if value is not None else "–"
+    return (f'<span class="turn-reward" data-source="{_e(source)}" style="background:{colour}" '
+            f'title="{_e(label)} turn reward">{_e(label)} {_e(shown)}</span>')
+
+
+def _model_text_html(rec: SampleRecord, turn: TurnRecord, colour_by: str | None, centers: dict, scales: dict,
+                     owner: list[int] | None, has_tokens: bool) -> str:
+    """The model's text of one turn: coloured per token (when ``colour_by`` has token scores) or per
+    step by its step score, as single responses are; the tool call it ends with outlined."""
+    a, b = turn.span
+    if a >= b:
+        return '<span class="empty">(no text)</span>'
+    cut = turn.call_span[0] if turn.call_span else b
+    step_scores = rec.step_scores.get(colour_by, []) if colour_by else []
+
+    def pieces(x: int, y: int) -> str:
+        if has_tokens:
+            return _text_html(rec, x, y, colour_by, centers, scales, owner)
+        bounds = sorted({x, y} | {c for span in rec.step_spans for c in span if x < c < y})
+        out = []
+        for u, v in zip(bounds, bounds[1:]):
+            k = next((i for i, (s, e) in enumerate(rec.step_spans) if s <= u < e), None)
+            if k is not None and k < len(step_scores):
+                colour = score_colour(step_scores[k], centers.get(colour_by, 0.0), scales.get(("step", colour_by), 0.0))
+                out.append(f'<span class="step-piece" data-step="{k}" style="background:{colour}">'
+                           f'{_e(rec.response[u:v])}</span>')
+            else:
+                out.append(_e(rec.response[u:v]))
+        return "".join(out)
+
+    html_ = pieces(a, cut)
+    if cut < b:
+        bad = " call-error" if turn.error else ""
+        name = turn.call.get("name", "") if isinstance(turn.call, dict) else ""
+        html_ += (f'<span class="tool-call{bad}" data-call="{_e(name)}" title="tool call">'
+                  f'{pieces(cut, b)}</span>')
+    return html_
+
+
+def _count(n: int, noun: str) -> str:
+    """'1 turn', '3 turns'."""
+    return f"{n} {noun}{'' if n == 1 else 's'}"
+
+
+def _call_text(call) -> str:
+    """``name(arg, ...)`` of a call's metadata."""
+    if isinstance(call, dict) and "name" in call:
+        return f"{call['name']}({', '.join(str(a) for a in call.get('args') or [])})"
+    return str(call)
+
+
+def _turn_html(rec: SampleRecord, turn: TurnRecord, colour_by: str | None, centers: dict, scales: dict,
+               owner: list[int] | None, has_tokens: bool) -> str:
+    """One turn: its head (index, step labels, turn rewards, call, error), the model's text and the
+    environment's observation, marked as not trained."""
+    head = [f'<span class="turn-index">turn {turn.turn}</span>']
+    for k in turn.steps:
+        lab = rec.step_labels[k] if rec.step_labels is not None and k < len(rec.step_labels) else None
+        if lab is not None:
+            name = LABEL_NAMES.get(lab, "none")
+            outline = ' style="outline:2px solid #b71c1c"' if rec.first_error == k else ""
+            head.append(f'<span class="turn-label label-{name}" data-label="{name}" data-step="{k}"{outline}>'
+                        f'{LABEL_MARKS.get(lab, "")} {name}</span>')
+    if turn.env_reward is not None:
+        head.append(_chip(ENV_REWARD, turn.env_reward, 0.0, scales.get(("turn", ENV_REWARD), 0.0), ENV_REWARD))
+    for name, v in turn.scores.items():
+        value = v if v is not None and math.isfinite(v) else None
+        head.append(_chip(name, value, centers.get(name, 0.0), scales.get(("turn", name), 0.0), name))
+    if turn.call is not None:
+        head.append(f'<span class="call-parsed">call {_e(_call_text(turn.call))}</span>')
+    if turn.error:
+        head.append(f'<span class="error-badge" data-error="{_e(turn.error)}">⚠ {_e(turn.error)}</span>')
+    text = _model_text_html(rec, turn, colour_by, centers, scales, owner, has_tokens)
+    body = f'<div class="model-text" data-trained="true">{text}</div>'
+    label = "tool output" if turn.call is not None or turn.call_span is not None else "environment output"
+    if turn.observation:
+        body += (f'<div class="observation" data-trained="false" title="{label}: loss_mask False">'
+                 f'<span class="untrained">{label} — not trained</span><pre>{_e(turn.observation.strip(chr(10)))}</pre></div>')
+    elif turn.result is not None:
+        body += (f'<div class="not-shown">{label} not appended (the episode ended here): '
+                 f'{_e(turn.result)}</div>')
+    cls = "turn turn-error" if turn.error else "turn"
+    err = f' data-error="{_e(turn.error)}"' if turn.error else ""
+    return (f'<div class="{cls}" data-turn="{turn.turn}"{err}><div class="turn-head">{" ".join(head)}</div>'
+            f"{body}</div>")
 
 
 def _solution_html(rec: SampleRecord, scorer_names: list[str], colour_by: str | None, centers: dict,
@@ -374,6 +506,17 @@ def _solution_html(rec: SampleRecord, scorer_names: list[str], colour_by: str | 
     rows = []
     owner = _char_owner(len(rec.response), rec.token_spans) if rec.token_spans is not None else None
     has_tokens = bool(colour_by and colour_by in rec.token_scores and owner is not None)
+    if rec.turns is not None:
+        errors = sum(t.error is not None for t in rec.turns)
+        calls = sum(t.call is not None for t in rec.turns)
+        head.append(_count(len(rec.turns), "turn") + ", " + _count(calls, "tool call")
+                    + (", " + _count(errors, "error") if errors else ""))
+        turns = "".join(_turn_html(rec, t, colour_by, centers, scales, owner, has_tokens) for t in rec.turns)
+        note = f"text coloured by {_e(colour_by)} ({'tokens' if has_tokens else 'steps'})" if colour_by else ""
+        raw = f'<details><summary>raw text</summary><pre class="raw">{_e(rec.response)}</pre></details>'
+        return (f'<div class="solution verified-{verdict}" data-problem="{rec.problem}" data-sample="{rec.sample}" '
+                f'data-turns="{len(rec.turns)}"><div class="solution-head">{" · ".join(head)}</div>'
+                f'<div class="turns" title="{note}">{turns}</div>{raw}</div>')
     for k, (s, e) in enumerate(rec.step_spans):
         lab = rec.step_labels[k] if rec.step_labels is not None and k < len(rec.step_labels) else None
         name = LABEL_NAMES.get(lab, "none")
@@ -437,6 +580,12 @@ def render_html(records: Sequence[SampleRecord], metrics: dict | None = None, *,
     for n in scorer_names:
         scales[("step", n)] = _scale([x for r in shown for x in r.step_scores.get(n, [])], centers[n])
         scales[("token", n)] = _scale([x for r in shown for x in r.token_scores.get(n, [])], centers[n])
+    turns = [t for r in shown for t in (r.turns or [])]
+    for n in dict.fromkeys(n for t in turns for n in t.scores):
+        centers.setdefault(n, eval_meta(n)["center"] if n in usable else 0.0)
+        scales[("turn", n)] = _scale([t.scores[n] for t in turns if n in t.scores and t.scores[n] is not None],
+                                     centers[n])
+    scales[("turn", ENV_REWARD)] = _scale([t.env_reward for t in turns if t.env_reward is not None], 0.0)
 
     imgs = []
     for p in plots:
@@ -450,6 +599,13 @@ def render_html(records: Sequence[SampleRecord], metrics: dict | None = None, *,
               f'<span style="background:{score_colour(-1, 0, 1)}">below</span> its neutral value '
               f'{_e(_fmt(centers.get(colour_by, 0.0)) if colour_by else "")}. '
               'Hover a token for its score.</p>')
+    if turns:
+        legend += ('<p class="legend">Multi-turn episodes are shown turn by turn: the model\'s text (trained on), '
+                   'the <span class="tool-call">tool call</span> it ends with, then the environment\'s answer '
+                   'in grey, marked <span class="untrained">tool output — not trained</span> (loss_mask False). '
+                   'Turn rewards (the environment\'s own, neutral value 0, and each scorer that gives turn '
+                   'values) use the same colours; <span class="error-badge">⚠ errors</span> name the failure '
+                   '(malformed call, unknown tool, bad arguments, raised, timeout).</p>')
     blocks = []
     for i, (p, rs) in enumerate(problems.items()):
         n_ok = sum(r.correct for r in rs)

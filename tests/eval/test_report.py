@@ -1,5 +1,6 @@
 """Tests for finegrain.eval.report: the HTML page from hand-made records (escaping, step labels,
-colours, self-containment), the metrics JSON and plots, and the page rendered by headless Chromium."""
+colours, self-containment, multi-turn episodes turn by turn), the metrics JSON and plots, and the
+page rendered by headless Chromium."""
 
 from __future__ import annotations
 
@@ -12,6 +13,7 @@ import subprocess
 import pytest
 
 from finegrain.eval.report import SampleRecord, json_safe, render_html, score_colour, write_report
+from finegrain.eval.turns import TurnRecord
 
 EVIL = "<script>alert('x')</script>"
 
@@ -32,6 +34,36 @@ def records():
                       outcome_scores={"verifier": 0.0, "implicit_prm": 0.0},
                       step_scores={"verifier": [], "implicit_prm": []})
     return [r0, r1, r2]
+
+
+def multi_turn_record(problem: int = 2) -> SampleRecord:
+    """A tool-use episode: a call whose output is hostile text, a malformed call, the answer.
+    Environment turn rewards 1, −1, 0.5; a turn-level scorer gives 1, −1 and not applicable."""
+    turns = [("<call>add(3, 4)</call>", {"name": "add", "args": ["3", "4"]}, None, "7 " + EVIL,
+              "\n<result>7 " + EVIL + "</result>\n", 1.0, 1.0),
+             ("<call>mul(2</call>", None, "malformed", None,
+              "\n<result>error: malformed call: expected NAME(ARG, ...) or JSON</result>\n", -1.0, -1.0),
+             ("A: 7", None, None, None, "", 0.5, float("-inf"))]
+    response, recs = "", []
+    for k, (text, call, error, result, obs, env, score) in enumerate(turns):
+        a = len(response)
+        response += text
+        b = len(response)
+        response += obs
+        recs.append(TurnRecord(turn=k, text=text, span=(a, b), call=call, call_span=(a, b) if k < 2 else None,
+                               error=error, result=result, observation=obs,
+                               observation_span=(b, len(response)) if obs else None, env_reward=env,
+                               scores={"env_turns": score}, steps=[k], n_tokens=len(text),
+                               n_observation_tokens=len(obs)))
+    return SampleRecord(problem=problem, sample=0, prompt="Q: 3+4", reference="7", response=response, correct=True,
+                        answer="7", n_tokens=len(response), step_spans=[t.span for t in recs], step_labels=[1, 0, 1],
+                        first_error=1, outcome_scores={"verifier": 1.0}, step_scores={"verifier": [1.0, 1.0, 1.0]},
+                        turns=recs)
+
+
+TURN_METRICS = {"meta": {"task": "calc", "env": "tool_use"},
+                "turns": {"episodes": 1, "mean_turns": 3.0, "mean_tool_calls": 1.0, "truncated_frac": 0.0,
+                          "error_frac": {"malformed": 1 / 3}}}
 
 
 METRICS = {"meta": {"task": "arith", "note": EVIL}, "accuracy": {"mean": 1 / 3, "lo": 0.06, "hi": 0.79, "n": 3},
@@ -99,6 +131,46 @@ def test_json_safe_and_report_files(tmp_path):
     assert page.count("data:image/png;base64,") == 4
 
 
+def test_html_shows_a_multi_turn_episode_turn_by_turn():
+    page = render_html(records() + [multi_turn_record()], METRICS)
+    assert "<script" not in page.lower() and "7 &lt;script&gt;alert" in page  # tool output escaped too
+    # the single-turn records keep their step tables; the episode is shown as turns instead
+    assert len(re.findall(r'<tr class="step( first-error)?" data-step', page)) == 4
+    assert page.count('data-turns="3"') == 1
+    assert re.findall(r'<div class="turn( turn-error)?" data-turn="(\d)"', page) == [
+        ("", "0"), (" turn-error", "1"), ("", "2")]
+    # observations: grey blocks marked as not trained, one per turn that had one
+    assert page.count('<div class="observation" data-trained="false"') == 2
+    assert page.count('<span class="untrained">tool output — not trained</span><pre>') == 2
+    assert page.count('<div class="model-text" data-trained="true">') == 3
+    # the calls, the malformed one marked as an error; the error named
+    assert page.count('<span class="tool-call" data-call="add"') == 1
+    assert page.count('<span class="tool-call call-error" data-call=""') == 1
+    assert '<span class="error-badge" data-error="malformed">⚠ malformed</span>' in page
+    # turn rewards on the report's colour scale: scale 1 (95th percentile of |1|, |−1|, |0.5|)
+    chips = re.findall(r'<span class="turn-reward" data-source="(\w+)" style="background:([^"]+)"', page)
+    assert chips == [("environment", "rgba(46,160,67,0.600)"), ("env_turns", "rgba(46,160,67,0.600)"),
+                     ("environment", "rgba(218,54,51,0.600)"), ("env_turns", "rgba(218,54,51,0.600)"),
+                     ("environment", "rgba(46,160,67,0.300)"), ("env_turns", "transparent")]
+    assert "env_turns –" in page  # not applicable: no value, no colour
+    # the exact label of each turn's step, the first error outlined
+    assert re.findall(r'<span class="turn-label label-(\w+)" data-label="\w+" data-step="(\d)"( style)?', page) == [
+        ("correct", "0", ""), ("wrong", "1", " style"), ("correct", "2", "")]
+
+
+def test_samples_jsonl_has_turns_only_for_multi_turn_records(tmp_path):
+    write_report(tmp_path, records() + [multi_turn_record(problem=2)], TURN_METRICS)
+    lines = [json.loads(line) for line in (tmp_path / "samples.jsonl").read_text().splitlines()]
+    assert ["turns" in r for r in lines] == [False, False, False, True]
+    turns = lines[3]["turns"]
+    assert [(t["call"], t["error"], t["env_reward"], t["scores"]) for t in turns] == [
+        ({"name": "add", "args": ["3", "4"]}, None, 1.0, {"env_turns": 1.0}),
+        (None, "malformed", -1.0, {"env_turns": -1.0}), (None, None, 0.5, {"env_turns": None})]
+    assert turns[0]["observation"].startswith("\n<result>7 <script>") and turns[2]["observation"] == ""
+    page = (tmp_path / "report.html").read_text()
+    assert "Turns (multi-turn episodes)" in page and "turns with error: malformed" in page
+
+
 def _chromium():
     for name in ("chromium", "chromium-browser"):
         path = shutil.which(name)
@@ -110,13 +182,17 @@ def _chromium():
     pytest.skip("chromium not installed")
 
 
+def _chromium_cmd(exe, tmp_path, *args):
+    return [exe, "--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
+            "--disable-background-networking", "--disable-component-update", "--disable-sync",
+            f"--user-data-dir={tmp_path / 'profile'}", *args]
+
+
 @pytest.mark.browser
 def test_report_renders_in_headless_chromium(tmp_path):
     exe = _chromium()
     paths = write_report(tmp_path / "report", records(), METRICS)
-    cmd = [exe, "--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
-           "--disable-background-networking", "--disable-component-update", "--disable-sync",
-           f"--user-data-dir={tmp_path / 'profile'}", "--dump-dom", paths["html"].resolve().as_uri()]
+    cmd = _chromium_cmd(exe, tmp_path, "--dump-dom", paths["html"].resolve().as_uri())
     proc = subprocess.run(cmd, capture_output=True, text=True, timeout=120)
     dom = proc.stdout
     assert proc.returncode == 0 and "<html" in dom, proc.stderr[-2000:]
@@ -127,3 +203,35 @@ def test_report_renders_in_headless_chromium(tmp_path):
     assert "7+5=12" in dom and "A: 12" in dom
     assert "&lt;script&gt;" in dom and "<script>alert" not in dom  # escaped text stays text
     assert dom.count('class="tok"') == 17
+
+
+OBSERVATION_GREY = (232, 232, 232)  # .observation background #e8e8e8: nothing else on the page has it
+
+
+@pytest.mark.browser
+def test_multi_turn_report_renders_in_headless_chromium(tmp_path):
+    import matplotlib.image
+
+    exe = _chromium()
+    recs = [multi_turn_record(problem=0)] + [r for r in records() if r.problem == 1]
+    paths = write_report(tmp_path / "report", recs, TURN_METRICS)
+    uri = paths["html"].resolve().as_uri()
+    proc = subprocess.run(_chromium_cmd(exe, tmp_path, "--dump-dom", uri), capture_output=True, text=True, timeout=120)
+    dom = proc.stdout
+    assert proc.returncode == 0 and "<html" in dom, proc.stderr[-2000:]
+    # the parsed page holds the turns, the untrained observations with their marker, calls and the error
+    assert len(re.findall(r'<div class="turn[ "][^>]*data-turn="\d"', dom)) == 3
+    assert dom.count('data-trained="false"') == 2 and dom.count("tool output — not trained") == 3  # + the legend
+    assert 'class="tool-call" data-call="add"' in dom and 'data-error="malformed"' in dom
+    assert dom.count('class="turn-reward"') == 6
+    assert "&lt;script&gt;" in dom and "<script>alert" not in dom
+    # the screenshot shows the grey observation blocks
+    shot = tmp_path / "shot.png"
+    proc = subprocess.run(_chromium_cmd(exe, tmp_path, "--hide-scrollbars", "--window-size=1000,1200",
+                                        f"--screenshot={shot}", uri), capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0 and shot.is_file() and shot.stat().st_size > 5000, proc.stderr[-2000:]
+    assert shot.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    img = (matplotlib.image.imread(shot)[..., :3] * 255).round().astype(int)  # (H, W, 3)
+    assert len({tuple(p) for p in img.reshape(-1, 3)[::97]}) > 20  # not a blank page
+    grey = (img == OBSERVATION_GREY).all(axis=-1).sum()
+    assert grey > 2 * 5000, f"{grey} pixels of the observation grey"  # two blocks, each ~900 x 40 px
