@@ -63,7 +63,7 @@ def _device(traj) -> torch.device:
 
 # --------------------------------------------------------------------------------- env_turns
 
-@REWARDS.register("env_turns", level="turn")
+@REWARDS.register("env_turns", level="turn", vote="sigmoid", center=0.0, search_value="sum")
 class EnvTurns:
     """r_{b,k} = the environment's reward of turn k (``Observation.reward``), as the trajectory
     builder stored it in ``traj.turn_rewards`` / ``turn_reward_mask`` (level 'turn'). A batch
@@ -188,7 +188,8 @@ def info_gain_from_logprobs(boundary_lp: torch.Tensor, *, kind: str) -> tuple[to
     return torch.where(mask, gain, torch.zeros_like(gain)), mask
 
 
-@REWARDS.register("info_gain", level="turn", bounds={"micro_batch": "[1, inf)"})
+@REWARDS.register("info_gain", level="turn", bounds={"micro_batch": "[1, inf)"}, vote="sigmoid", center=0.0,
+                  search_value="sum")
 class InfoGain:
     """IGPO's information-gain turn reward (level 'turn').
 
@@ -407,7 +408,8 @@ def _gold_calls(example) -> list[tuple[str, list[str]]]:
     return [(str(name), [str(a) for a in args]) for name, args in (example.meta.get("gold_calls") or [])]
 
 
-@REWARDS.register("tool_call_match", level="turn", bounds={"reg": "(0, inf)", "unmatched": "[-1, 1]"})
+@REWARDS.register("tool_call_match", level="turn", bounds={"reg": "(0, inf)", "unmatched": "[-1, 1]"},
+                  vote="sigmoid", center=0.0, search_value="sum")
 class ToolCallMatch:
     """MatchTIR's turn reward from matching the episode's tool calls to the gold call trace
     (level 'turn').
@@ -514,7 +516,7 @@ def checklist_satisfaction(items: Sequence[dict], passes: dict[str, list[int]]) 
     return {j: first(j) for j in by_id}
 
 
-@REWARDS.register("checklist", level="turn")
+@REWARDS.register("checklist", level="turn", vote="identity", center=0.0, search_value="sum")
 class Checklist:
     """CM2 checklist rewards, checked by rules (level 'turn', or 'outcome' with ``level``).
 
@@ -636,7 +638,8 @@ def entity_rewards(accuracy: torch.Tensor, fraction: torch.Tensor, group_ids: to
     return torch.where(excluded, torch.zeros_like(R), R)
 
 
-@REWARDS.register("entity_match", level="outcome", bounds={"alpha": "[0, 1]"})
+@REWARDS.register("entity_match", level="outcome", bounds={"alpha": "[0, 1]"}, vote="identity", center=0.5,
+                  search_value="last")
 class EntityMatch:
     """E-GRPO's entity-aware outcome reward (level 'outcome').
 
