@@ -169,6 +169,9 @@ class TrainConfig:
                                 "package; WANDB_MODE=offline works without a network).")
     wandb_mode: str = _f("online", "W&B mode: online | offline | disabled (WANDB_MODE, when set, wins).")
     progress: bool = _f(True, "Show a progress bar.")
+    threads: int = _f(0, "torch CPU threads for finegrain demo/train/sft; 0 = automatic: the CPUs other jobs leave "
+                         "free (FINEGRAIN_THREADS=N|auto|torch and OMP_NUM_THREADS are honoured; finegrain/threads.py).",
+                      range="[0, inf)")
 
 
 @dataclass

@@ -16,3 +16,21 @@ def test_demo_command_end_to_end(tmp_path, sft_cache, capsys):
     assert report["wall_seconds"] > 0
     for name in ("metrics.jsonl", "curves.png", "config.yaml", "samples_after.jsonl"):
         assert (out / name).exists(), name
+
+
+def test_cli_sets_the_passive_openmp_wait_before_torch_loads():
+    """libgomp reads its wait policy once, when torch loads it: the CLI sets it first
+    (finegrain/threads.py; spinning threads made runs ~10x slower beside other jobs)."""
+    import os
+    import subprocess
+    import sys
+
+    code = ("import os, sys; from finegrain.cli.main import main; main(['config']); "
+            "print('POLICY', os.environ.get('OMP_WAIT_POLICY'))")
+    env = {k: v for k, v in os.environ.items() if k not in ("OMP_WAIT_POLICY", "GOMP_SPINCOUNT", "FINEGRAIN_THREADS")}
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=300)
+    assert out.returncode == 0, out.stderr[-2000:]
+    assert "POLICY PASSIVE" in out.stdout
+    env["FINEGRAIN_THREADS"] = "torch"  # the old behaviour on request
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=300)
+    assert "POLICY None" in out.stdout

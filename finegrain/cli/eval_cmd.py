@@ -93,8 +93,9 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
     e.add_argument("--max-batch", type=int, default=256, help="rows per generate call")
     e.add_argument("--chunk-problems", type=int, default=64, help="problems sampled and scored together")
     e.add_argument("--device", default="auto", help="cpu | cuda | auto")
-    e.add_argument("--threads", type=int, default=0, help="torch CPU threads; 0 = torch's default. On a busy "
-                                                          "shared CPU, 1 is much faster for tiny models")
+    e.add_argument("--threads", type=int, default=0, help="torch CPU threads; 0 = automatic: the CPUs other jobs "
+                                                          "leave free (finegrain/threads.py; FINEGRAIN_THREADS=torch "
+                                                          "keeps torch's default)")
     e.add_argument("--no-chat-template", action="store_true", help="feed raw prompts even if the tokenizer has "
                                                                     "a chat template")
     e.add_argument("--env", default=None, help="environment of the episodes (finegrain.envs.ENVIRONMENTS, e.g. "
@@ -435,12 +436,12 @@ def _reward_context(args, task_name, task_kwargs, model_path, task, tok, model, 
 
 
 def _set_threads(threads: int, model, device, log) -> None:
-    """Apply ``--threads`` (0 keeps torch's default). On a busy shared machine, 1 thread is much
-    faster for tiny models (measured ~10x); on a quiet 2-core one, 2 threads are ~1.7x faster."""
-    import torch
+    """Apply ``--threads`` through ``finegrain.threads.configure_threads`` (0 = automatic: the
+    CPUs other jobs leave free; docs/reliability.md has the measurements)."""
+    from finegrain.threads import configure_threads
 
-    if threads:
-        torch.set_num_threads(threads)
+    n = configure_threads(threads or None)
+    log(f"torch CPU threads: {n}")
 
 
 def _has_prm(path: str) -> bool:

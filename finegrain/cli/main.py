@@ -74,6 +74,9 @@ def _fail(msg: str) -> None:
 
 
 def main(argv: list[str] | None = None) -> None:
+    from finegrain.threads import prepare_openmp
+
+    prepare_openmp()  # before torch is imported: OpenMP reads its wait policy once, when it loads
     from finegrain.cli.prm_cmd import _OneLineParser
 
     ap = _OneLineParser(prog="finegrain", description="RL for language models with fine-grained rewards")
@@ -103,6 +106,9 @@ def main(argv: list[str] | None = None) -> None:
     if getattr(args, "config", None) and "=" in args.config and not Path(args.config).exists():
         args.overrides, args.config = [args.config, *args.overrides], None  # `finegrain config key=value`
     if args.cmd == "prm":
+        from finegrain.threads import configure_threads
+
+        configure_threads(None)
         prm_cmd.run(args)
         return
     if args.cmd == "eval":
@@ -132,6 +138,10 @@ def main(argv: list[str] | None = None) -> None:
 
         print(yaml.safe_dump(to_dict(cfg), sort_keys=False))
         return
+    if args.cmd in ("demo", "train", "sft"):
+        from finegrain.threads import configure_threads
+
+        configure_threads(cfg.train.threads or None)
     if args.cmd == "sft":
         from finegrain.train.sft import warm_started_tiny
         from finegrain.tasks import TASKS

@@ -25,8 +25,8 @@ from finegrain.config import RunConfig, to_dict
 from finegrain.train.checkpoint import find_checkpoint
 
 # keys that do not change what is trained; train.steps joins them when the LR schedule is constant
-RESUME_SAFE = ("train.resume", "train.progress", "train.tensorboard", "train.wandb_project", "train.wandb_mode",
-               "train.save_every", "train.eval_every", "train.out_dir", "sft.cache_dir", "model.device")
+RESUME_SAFE = ("train.resume", "train.progress", "train.threads", "train.tensorboard", "train.wandb_project",
+               "train.wandb_mode", "train.save_every", "train.eval_every", "train.out_dir", "sft.cache_dir", "model.device")
 CHANGES_FILE = "config_changes.jsonl"
 
 
