@@ -41,6 +41,20 @@ def apply_optim_config(optimizer, scheduler, cfg: RunConfig) -> None:
     scheduler._last_lr = [g["lr"] for g in optimizer.param_groups]
 
 
+def keep_thread_count(saved: int | None, cfg: RunConfig, log) -> None:
+    """A resumed run computes with the intra-op thread count it started with, unless the user set
+    one (``train.threads``, ``FINEGRAIN_THREADS``, ``OMP_NUM_THREADS``): the count changes how
+    reductions are split, so an automatic choice made under another load could change the numbers
+    of an otherwise exact resume."""
+    import os
+
+    explicit = cfg.train.threads or os.environ.get("FINEGRAIN_THREADS", "").strip() or \
+        os.environ.get("OMP_NUM_THREADS", "").strip()
+    if saved and not explicit and saved != torch.get_num_threads():
+        log(f"resume: using {saved} torch threads, as the run did before (train.threads to choose)")
+        torch.set_num_threads(int(saved))
+
+
 def fitting_prompts(engine, examples: list, max_new_tokens: int, what: str, log) -> list:
     """The examples whose prompt plus ``max_new_tokens`` fits the model's context; says how many
     were dropped, and refuses when none fit."""
@@ -97,6 +111,7 @@ def _train(cfg: RunConfig, out: Path, stop_after: int | None, log: Callable[[str
             s.load_checkpoint(ck / n, resumed_state["signals"][n])
         start = resumed_state["step"]
         log(f"resumed from {ck} at step {start}")
+        keep_thread_count(resumed_state.get("threads"), cfg, log)
     pool = fitting_prompts(run.engine, pool, cfg.rollout.max_new_tokens, "training", log)
     eval_set = fitting_prompts(run.engine, eval_set, cfg.eval.max_new_tokens, "held-out", log)
     dump_config(cfg, out / "config.yaml")  # only now: the run has validated, loaded and resumed
@@ -176,7 +191,7 @@ def _train(cfg: RunConfig, out: Path, stop_after: int | None, log: Callable[[str
 def _save(out: Path, step: int, run, before: dict) -> None:
     models = {"policy": (run.policy, run.tokenizer)}
     state = {"optimizer": run.optimizer.state_dict(), "scheduler": run.scheduler.state_dict(), "eval_before": before,
-             "signals": {}, "config": to_dict(run.cfg)}
+             "signals": {}, "config": to_dict(run.cfg), "threads": torch.get_num_threads()}
     for n, s in run.trainables.items():
         model, extra = s.state_dict_for_checkpoint()
         models[n] = (model, None)

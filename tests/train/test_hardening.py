@@ -371,3 +371,22 @@ def test_a_waiting_lock_blocks_until_the_holder_is_done(tmp_path):
     finally:
         holder.kill()
         holder.wait()
+
+
+def test_a_resumed_run_keeps_the_thread_count_it_started_with(tmp_path, sft_cache, monkeypatch):
+    """The automatic thread count depends on the machine's load; a resume under another load must
+    not change how reductions are split (exact resume), unless the user chose a count."""
+    monkeypatch.delenv("FINEGRAIN_THREADS", raising=False)
+    monkeypatch.delenv("OMP_NUM_THREADS", raising=False)
+    cfg = make_cfg("grpo", tmp_path / "th", sft_cache, **{"train.steps": 2, "train.save_every": 1})
+    before = torch.get_num_threads()
+    try:
+        torch.set_num_threads(1)
+        train(cfg, stop_after=1, log=quiet)
+        torch.set_num_threads(2)  # as if the automatic choice differed on resume
+        msgs = []
+        train(cfg, log=msgs.append)
+        assert torch.get_num_threads() == 1
+        assert any("using 1 torch threads, as the run did before" in m for m in msgs)
+    finally:
+        torch.set_num_threads(before)
