@@ -237,3 +237,25 @@ def test_chat_renderer_refuses_templates_it_cannot_split():
                          "<tool_call>{}</tool_call>{% endif %}{{ m.content }}{% endfor %}")
     with pytest.raises(ValueError, match="renders earlier turns differently"):
         ChatRenderer(tok).observation("7")
+
+
+@pytest.mark.parametrize("task_name", ["lookup", "arith_calc"])
+def test_task_traces_play_through_the_environment(task_name):
+    """Gold and flawed SFT traces of the tool tasks, played turn by turn through tool_use: every
+    observation in a trace is the one the environment answers, and the final turn ends the episode."""
+    from finegrain.envs.base import example_fields
+    from finegrain.envs.tool_use import ToolUse
+    from finegrain.segment import SEGMENTERS
+    from finegrain.tasks import TASKS
+
+    task = TASKS.get(task_name)()
+    turns = SEGMENTERS.get("tool_turns")
+    for ex, trace in task.sft_corpus(60, 0.5, seed=3):
+        env = ToolUse(task=task, tool_timeout=None)
+        assert env.reset(seed=0, **example_fields(ex)).text == ex.prompt
+        text = ""
+        for a, b in turns(trace):
+            obs = env.step(trace[a:b])
+            assert obs.metadata["error"] is None
+            text += trace[a:b] + obs.text
+        assert obs.done and text == trace

@@ -154,21 +154,6 @@ def test_calc():
         with pytest.raises(TypeError):
             calc(*args)
 
-
-def test_traces_through_the_tool_use_environment():
-    tool_use = pytest.importorskip("finegrain.envs.tool_use")
-    from finegrain.envs.base import example_fields
-    for ex, trace in TASK.sft_corpus(60, 0.5, seed=3):
-        env = tool_use.ToolUse(task=TASK, tool_timeout=None)
-        assert env.reset(seed=0, **example_fields(ex)).text == ex.prompt
-        text = ""
-        for a, b in tool_turns(trace):
-            obs = env.step(trace[a:b])
-            assert obs.metadata["error"] is None
-            text += trace[a:b] + obs.text
-        assert obs.done and text == trace
-
-
 # ---- verify and labels ----------------------------------------------------------------------
 
 

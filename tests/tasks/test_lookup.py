@@ -177,23 +177,6 @@ def test_observation_spans_edge_cases():
     assert observation_spans("A: Pem\n<result>Kel</result>\n") == []  # written by the model
     assert observation_spans(c + "more text") == [] and observation_spans("") == []
 
-
-def test_traces_through_the_tool_use_environment():
-    """Gold and flawed traces played turn by turn through the real environment: every observation
-    in the trace is the one the environment answers, and the final turn ends the episode."""
-    tool_use = pytest.importorskip("finegrain.envs.tool_use")
-    from finegrain.envs.base import example_fields
-    for ex, trace in TASK.sft_corpus(60, 0.5, seed=3):
-        env = tool_use.ToolUse(task=TASK, tool_timeout=None)
-        assert env.reset(seed=0, **example_fields(ex)).text == ex.prompt
-        text = ""
-        for a, b in tool_turns(trace):
-            obs = env.step(trace[a:b])
-            assert obs.metadata["error"] is None
-            text += trace[a:b] + obs.text
-        assert obs.done and text == trace
-
-
 # ---- tools and verify -----------------------------------------------------------------------
 
 
