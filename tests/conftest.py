@@ -35,3 +35,5 @@ def pytest_configure(config):
     import torch
 
     torch.set_num_threads(1)
+    # CLI calls in tests would otherwise re-pick threads from the machine's load (finegrain/threads.py)
+    os.environ.setdefault("FINEGRAIN_THREADS", "1")
