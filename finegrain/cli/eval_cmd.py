@@ -170,6 +170,18 @@ def _load_model_only(path: str, flag: str, device):
     return load_causal_lm(path, "float32", str(device), where=flag).eval()
 
 
+def _json_object(flag: str, text: str, objects: bool = False) -> dict:
+    """A flag's JSON object value; one-line ValueError naming the flag otherwise."""
+    try:
+        value = json.loads(text)
+    except json.JSONDecodeError as err:
+        raise ValueError(f"{flag}: not valid JSON ({err.msg})") from None
+    if not isinstance(value, dict):
+        raise ValueError(f"{flag}: expected a JSON object" + (" of objects, e.g. "
+                         "'{\"step_labels\": {\"correct\": 1, \"wrong\": 0}}'" if objects else ""))
+    return value
+
+
 def _fail(msg: str) -> None:
     """Print one error line and exit with status 2."""
     print(f"finegrain eval: error: {msg}", file=sys.stderr)
@@ -250,12 +262,7 @@ def _run(args: argparse.Namespace) -> dict:
     if task_name not in TASKS:
         raise ValueError(f"--task: unknown task '{task_name}'; available: {', '.join(TASKS.names())}")
     if args.task_kwargs is not None:
-        try:
-            task_kwargs = json.loads(args.task_kwargs)
-        except json.JSONDecodeError as err:
-            raise ValueError(f"--task-kwargs: not valid JSON ({err.msg})") from None
-        if not isinstance(task_kwargs, dict):
-            raise ValueError("--task-kwargs: expected a JSON object")
+        task_kwargs = _json_object("--task-kwargs", args.task_kwargs)
     else:
         same_task = (run_cfg.get("task") or {}).get("name") == task_name
         task_kwargs = (run_cfg.get("task") or {}).get("kwargs") or {} if same_task else {}
@@ -355,12 +362,7 @@ def _environment(args, run_cfg: dict, run_dir: Path | None) -> tuple[str, dict, 
         raise ValueError(f"{where}: unknown environment '{env}'; available: {', '.join(ENVIRONMENTS.names())}")
     same = rollout.get("env", "single_turn") == env
     if args.env_kwargs is not None:
-        try:
-            env_kwargs = json.loads(args.env_kwargs)
-        except json.JSONDecodeError as err:
-            raise ValueError(f"--env-kwargs: not valid JSON ({err.msg})") from None
-        if not isinstance(env_kwargs, dict):
-            raise ValueError("--env-kwargs: expected a JSON object")
+        env_kwargs = _json_object("--env-kwargs", args.env_kwargs)
     else:
         env_kwargs = dict(rollout.get("env_kwargs") or {}) if same else {}
     if args.max_turns is not None:
@@ -392,11 +394,8 @@ def _reward_kwargs(args, scorers: list[str]) -> dict[str, dict]:
 
     given: dict = {}
     if args.reward_kwargs is not None:
-        try:
-            given = json.loads(args.reward_kwargs)
-        except json.JSONDecodeError as err:
-            raise ValueError(f"--reward-kwargs: not valid JSON ({err.msg})") from None
-        if not isinstance(given, dict) or not all(isinstance(v, dict) for v in given.values()):
+        given = _json_object("--reward-kwargs", args.reward_kwargs, objects=True)
+        if not all(isinstance(v, dict) for v in given.values()):
             raise ValueError("--reward-kwargs: expected a JSON object of objects, e.g. "
                              "'{\"step_labels\": {\"correct\": 1, \"wrong\": 0}}'")
     for name in given:

@@ -108,10 +108,12 @@ class HFSampler:
 
     def _cut(self, new: torch.Tensor, sp: SamplingParams) -> tuple[list[int], list[str]]:
         """Length of each continuation (through its first stop) and why it ended."""
-        stop_ids = {self.tokenizer.eos_token_id, *sp.stop_token_ids}
+        stop_ids = torch.tensor([self.tokenizer.eos_token_id, *sp.stop_token_ids], device=new.device)
+        is_stop = torch.isin(new, stop_ids)  # (b, L)
+        first = torch.where(is_stop.any(1), is_stop.int().argmax(1) + 1, 0).tolist()  # 0 = no stop token
         lengths, finish = [], []
-        for row in new.tolist():
-            k = next((i + 1 for i, t in enumerate(row) if t in stop_ids), None)
+        for row, f in zip(new.tolist(), first):
+            k = f or None
             if sp.stop_strings:
                 s = self._stop_string_end(row[:k] if k else row, sp.stop_strings)
                 k = s if s is not None and (k is None or s < k) else k

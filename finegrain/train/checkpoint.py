@@ -28,7 +28,6 @@ from pathlib import Path
 
 import torch
 
-from finegrain.models.load import load_weights_into  # noqa: F401  (re-exported for the trainer)
 
 _NAME = re.compile(r"step_(\d{6,})")
 STATE_FILE = "state.pt"

@@ -22,7 +22,8 @@ from finegrain.config import RunConfig, dump_config, to_dict, validate
 from finegrain.eval.runner import evaluate
 from finegrain.masked import masked_mean
 from finegrain.train import rundir
-from finegrain.train.checkpoint import load_weights_into, save_checkpoint
+from finegrain.models.load import load_weights_into
+from finegrain.train.checkpoint import save_checkpoint
 from finegrain.guards import check_finite
 from finegrain.lock import RunLock
 from finegrain.train.logging import RunLogger, prefixed, read_log, require_wandb, wandb_settings

@@ -39,7 +39,8 @@ from finegrain.losses.prm import implicit_prm_ce_loss, implicit_prm_dpo_loss
 from finegrain.rewards.implicit_prm import STEP_SCORE_AGGREGATIONS, ImplicitPRM, implicit_step_rewards, sequence_score
 from finegrain.rewards.prm_data import PRMRow, group_index, labels_tensor, to_trajectory
 from finegrain.segment import SEGMENTERS, Spans, token_char_offsets
-from finegrain.train.checkpoint import find_checkpoint, load_weights_into, save_checkpoint
+from finegrain.models.load import load_weights_into
+from finegrain.train.checkpoint import find_checkpoint, save_checkpoint
 from finegrain.guards import check_finite, clip_and_step
 from finegrain.lock import RunLock
 from finegrain.progress import Progress
