@@ -8,6 +8,7 @@ Overrides use dotted keys: ``finegrain train configs/demo_cpu.yaml train.steps=5
 from __future__ import annotations
 
 import dataclasses
+import re
 import types
 import typing
 from dataclasses import dataclass, field
@@ -17,6 +18,21 @@ from typing import Any
 import yaml
 
 from finegrain.ranges import check_range
+
+
+class _Loader(yaml.SafeLoader):
+    """PyYAML's safe loader, except that ``3e-4`` is a float: YAML 1.1 wants a dot in the
+    mantissa (``3.0e-4``) and would load a learning rate of ``3e-4`` as the string '3e-4'."""
+
+
+_Loader.add_implicit_resolver(
+    "tag:yaml.org,2002:float",
+    re.compile(r"^[-+]?(\d+\.?\d*|\.\d+)[eE][-+]?\d+$"), list("-+0123456789."))
+
+
+def load_yaml(text: str):
+    """YAML text as Python data, safely (no tags that build objects); ``3e-4`` is a number."""
+    return yaml.load(text, Loader=_Loader)
 
 
 def _f(default: Any, help: str, **kw: Any) -> Any:
@@ -277,7 +293,7 @@ def parse_override(text: str) -> tuple[list[str], Any]:
         raise ValueError(f"override '{text}': expected key=value, e.g. train.steps=50")
     key, raw = text.split("=", 1)
     try:
-        return key.strip().split("."), yaml.safe_load(raw) if raw.strip() else ""
+        return key.strip().split("."), load_yaml(raw) if raw.strip() else ""
     except yaml.YAMLError as e:
         problem = getattr(e, "problem", None) or str(e).splitlines()[0]
         raise ValueError(f"{key.strip()}: the value {raw!r} is not valid YAML ({problem}); quote the whole "
@@ -304,7 +320,7 @@ def load_config(path: str | Path | None = None, overrides: list[str] | None = No
         if not p.is_file():
             raise FileNotFoundError(f"config file {p}: {'is a directory' if p.is_dir() else 'not found'}")
         try:
-            data = yaml.safe_load(p.read_text())
+            data = load_yaml(p.read_text())
         except yaml.YAMLError as e:
             raise ValueError(f"config file {p}: not valid YAML ({str(e).splitlines()[0]})") from None
         except UnicodeDecodeError:

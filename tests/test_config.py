@@ -133,3 +133,19 @@ def test_the_implicit_prm_is_configured_in_one_place():
         load_config(None, ["rewards=[{name: implicit_prm, kwargs: {update: later}}]", "advantage.name=prime_rloo"])
     with pytest.raises(ValueError, match=r"^rewards\[0\].kwargs.lr: expected a number in \(0, inf\), got 0"):
         load_config(None, ["rewards=[{name: implicit_prm, kwargs: {lr: 0}}]", "advantage.name=prime_rloo"])
+
+
+def test_scientific_notation_without_a_dot_is_a_number(tmp_path):
+    """YAML 1.1 loads 3e-4 as the string '3e-4'; finegrain reads it as the number in a config
+    file, in a key=value override and inside a registry entry's kwargs."""
+    from finegrain.config import load_yaml, parse_override
+
+    assert load_yaml("lr: 3e-4\nb: -1E+5\nc: .5e-3\nname: e5\nraw: '3e-4'") == \
+        {"lr": 3e-4, "b": -1e5, "c": 5e-4, "name": "e5", "raw": "3e-4"}  # a quoted value stays a string
+    assert parse_override("optim.lr=3e-4") == (["optim", "lr"], 3e-4)
+    p = tmp_path / "c.yaml"
+    p.write_text("optim:\n  lr: 3e-4\n")
+    assert load_config(p, ["rollout.temperature=7e-1"]).optim.lr == 3e-4
+    assert load_config(p, ["rollout.temperature=7e-1"]).rollout.temperature == 0.7
+    cfg = load_config(p, ["rewards=[{name: implicit_prm, kwargs: {lr: 2e-5}}]", "advantage.name=prime_rloo"])
+    assert cfg.rewards[0].kwargs["lr"] == 2e-5 and isinstance(cfg.rewards[0].kwargs["lr"], float)

@@ -146,9 +146,9 @@ def _run_config(run_dir: Path | None) -> dict:
     """The run directory's config.yaml as a dict ({} if none)."""
     if run_dir is None or not (run_dir / "config.yaml").is_file():
         return {}
-    import yaml
+    from finegrain.config import load_yaml
 
-    return yaml.safe_load((run_dir / "config.yaml").read_text()) or {}
+    return load_yaml((run_dir / "config.yaml").read_text()) or {}
 
 
 def _initial_model(run_dir: Path | None) -> str | None:

@@ -19,9 +19,8 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-import yaml
 
-from finegrain.config import RunConfig, to_dict
+from finegrain.config import RunConfig, load_yaml, to_dict
 from finegrain.train.checkpoint import find_checkpoint
 
 # keys that do not change what is trained; train.steps joins them when the LR schedule is constant
@@ -86,7 +85,7 @@ def prepare(cfg: RunConfig, out: Path, log) -> Resume:
     state = found.state
     saved = state.get("config")
     if saved is None and (out / "config.yaml").is_file():  # checkpoints written before configs were saved in them
-        saved = yaml.safe_load((out / "config.yaml").read_text())
+        saved = load_yaml((out / "config.yaml").read_text())
     changes = config_diff(saved, to_dict(cfg), cfg) if isinstance(saved, dict) else {}
     if changes and mode != "force":
         raise ValueError(f"train.resume: {out} was trained with another config ({_fmt(changes)}); "
