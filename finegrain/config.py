@@ -301,14 +301,27 @@ def parse_override(text: str) -> tuple[list[str], Any]:
 
 
 def apply_overrides(data: dict, overrides: list[str]) -> dict:
+    """Apply ``key=value`` overrides to ``data`` in place; a number part of the key indexes a list.
+
+    >>> apply_overrides({"rewards": [{"name": "a"}, {"name": "b"}]}, ["rewards.1.kwargs.lr=1e-5", "train.steps=5"])
+    {'rewards': [{'name': 'a'}, {'name': 'b', 'kwargs': {'lr': 1e-05}}], 'train': {'steps': 5}}
+    """
     for ov in overrides:
         keys, value = parse_override(ov)
         node = data
-        for k in keys[:-1]:
-            node = node.setdefault(k, {})
-            if not isinstance(node, dict):
-                raise ValueError(f"override '{ov}': '{k}' is not a section")
-        node[keys[-1]] = value
+        for i, k in enumerate(keys):
+            where = ".".join(keys[:i]) or "the config"
+            if isinstance(node, list):
+                if not k.isdigit() or int(k) >= len(node):
+                    raise ValueError(f"override '{ov}': '{where}' is a list of {len(node)}; expected an index "
+                                     f"0..{len(node) - 1}, got '{k}'")
+                k = int(k)
+            elif not isinstance(node, dict):
+                raise ValueError(f"override '{ov}': '{where}' is not a section")
+            if i == len(keys) - 1:
+                node[k] = value
+            else:
+                node = node[k] if isinstance(node, list) else node.setdefault(k, {})
     return data
 
 

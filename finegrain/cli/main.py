@@ -1,10 +1,11 @@
-"""``finegrain`` command line: demo | train | sft | eval | config.
+"""``finegrain`` command line: demo | train | sft | eval | prm | compare | config.
 
     finegrain demo [--method grpo|prime|rloo] [--out runs/demo] [key=value ...]
     finegrain train CONFIG.yaml [key=value ...]
     finegrain config [CONFIG.yaml] [key=value ...]     print the resolved config
     finegrain eval --model RUN_DIR_OR_PATH --task arith ...   report directory (see docs/eval.md)
     finegrain prm train|score ...                     offline implicit PRM (see docs/prm_offline.md)
+    finegrain compare --methods grpo,prime --seeds 0,1,2 --out DIR [--set key=value ...]   methods × seeds, one table
     finegrain train --help-config                     every config key with its default and help
 """
 
@@ -98,10 +99,11 @@ def main(argv: list[str] | None = None) -> None:
     s = sub.add_parser("sft", help="supervised warm start of a tiny model on a task (cached)")
     s.add_argument("config", nargs="?")
     s.add_argument("overrides", nargs="*")
-    from finegrain.cli import eval_cmd, prm_cmd
+    from finegrain.cli import compare_cmd, eval_cmd, prm_cmd
 
     prm_cmd.add_parser(sub)
     eval_cmd.add_parser(sub)
+    compare_cmd.add_parser(sub)
     args = ap.parse_args(argv)
     if getattr(args, "config", None) and "=" in args.config and not Path(args.config).exists():
         args.overrides, args.config = [args.config, *args.overrides], None  # `finegrain config key=value`
@@ -113,6 +115,9 @@ def main(argv: list[str] | None = None) -> None:
         return
     if args.cmd == "eval":
         eval_cmd.run(args)
+        return
+    if args.cmd == "compare":
+        compare_cmd.run(args, argv)
         return
 
     try:
