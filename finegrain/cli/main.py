@@ -28,12 +28,12 @@ def demo_config(method: str = "grpo") -> RunConfig:
     return from_dict(RunConfig, DEMO_METHODS[method]())
 
 
-def _print_report(report: dict, out: Path) -> None:
+def _print_report(report: dict, out: Path, task: str) -> None:
     from rich.console import Console
     from rich.table import Table
 
     ev = report["eval"]
-    t = Table(title=f"held-out arithmetic ({ev['n_problems']} problems)")
+    t = Table(title=f"held-out {task}: {ev['n_problems']} problems × {ev.get('samples_per_problem_after', '?')}")
     t.add_column("metric")
     t.add_column("before", justify="right")
     t.add_column("after", justify="right")
@@ -169,7 +169,7 @@ def main(argv: list[str] | None = None) -> None:
         report = train(cfg)
     except (ValueError, FileNotFoundError, ImportError, RunLocked) as e:
         _fail(str(e))
-    _print_report(report, Path(cfg.train.out_dir))
+    _print_report(report, Path(cfg.train.out_dir), cfg.task.name)
 
 
 if __name__ == "__main__":

@@ -35,11 +35,15 @@ from typing import Sequence
 ACCURACY_KEY = "eval/accuracy"
 GENERATED_KEY = "filter/generated_prompts"
 STEP_TIME_KEY = "time/step"
-# Read at a run's last evaluation when a run logs them. No stage of finegrain.train logs either
-# today (the trainer's evaluation logs accuracy, pass@k and truncation only; miracle-step rate and
-# PRM first-wrong-step accuracy are computed by `finegrain eval` and benchmarks/process_quality.py
-# into their own reports), so these columns read n/a until the trainer logs them.
+# Read at a run's last evaluation when a run logs them: the trainer's evaluation logs the miracle-step
+# rate for tasks with step labels (finegrain/eval/runner.py::process_metrics); no stage logs a PRM's
+# first-wrong-step accuracy yet (`finegrain eval` and benchmarks/process_quality.py compute it into
+# their own reports), so that column reads n/a until one does.
 MIRACLE_KEY = "eval/miracle_step_rate"
+# columns shown only when some run logs them (multi-turn environments): label -> key, read at the
+# last evaluation and averaged over seeds
+AGENT_COLUMNS = {"turns / episode": "eval/turns", "tool-call precision": "eval/tool_call_precision",
+                 "tool-call recall": "eval/tool_call_recall"}
 PRM_FIRST_WRONG_KEY = "eval/prm_first_wrong_step_accuracy"
 
 # two-sided 95% Student t quantiles t_{0.975, df}, df = 1..30 (scipy.stats.t.ppf(0.975, df))
@@ -214,6 +218,7 @@ def method_summary(runs: Sequence[RunResult]) -> dict:
         "total_rollouts_mean": _mean_or_none([c.rollouts[-1] if c.rollouts else None for c in curves]),
         "miracle_step_rate": _mean_or_none([last_logged(r.rows, MIRACLE_KEY) for r in runs]),
         "prm_first_wrong_step_accuracy": _mean_or_none([last_logged(r.rows, PRM_FIRST_WRONG_KEY) for r in runs]),
+        "agent": {k: _mean_or_none([last_logged(r.rows, k) for r in runs]) for k in AGENT_COLUMNS.values()},
         "seconds_per_step_median": statistics.median(times) if times else None,
         "peak_rss_mib_max": max(rss) if rss else None,
         "wall_seconds": [r.info.get("wall_seconds") for r in runs],
@@ -267,7 +272,10 @@ def table_rows(summary: dict) -> tuple[list[str], list[list[str]]]:
     target, baseline = summary["target"], summary["baseline"]
     header = ["method", "seeds", "final accuracy (mean ± 95% t-interval)",
               f"rollouts to {_num(target)} (first crossing of the seed mean)", f"rollouts × {baseline}",
-              "miracle-step rate", "PRM first-wrong-step acc", "s / step (median)", "peak RSS MiB (max)"]
+              "miracle-step rate", "PRM first-wrong-step acc"]
+    agent = [(label, key) for label, key in AGENT_COLUMNS.items()
+             if any(t.get("agent", {}).get(key) is not None for t in summary["methods"].values())]
+    header += [label for label, _ in agent] + ["s / step (median)", "peak RSS MiB (max)"]
     rows = []
     for m, t in summary["methods"].items():
         f = t["final_accuracy"]
@@ -281,6 +289,7 @@ def table_rows(summary: dict) -> tuple[list[str], list[list[str]]]:
         rss = t["peak_rss_mib_max"]
         rows.append([m, str(t["n"]), final, to_target, "n/a" if rt is None else f"{rt:.2f}×",
                      _num(t["miracle_step_rate"]), _num(t["prm_first_wrong_step_accuracy"]),
+                     *[_num(t.get("agent", {}).get(key), 2) for _, key in agent],
                      _num(t["seconds_per_step_median"], 2), "n/a" if rss is None else f"{rss:,.0f}"])
     return header, rows
 
@@ -294,6 +303,9 @@ def _notes(summary: dict) -> list[str]:
              f"({summary['target_source']}); (k/n seeds) = seeds whose own curve reaches it.",
              f"Rollouts × {summary['baseline']}: rollouts to target divided by the baseline's; n/a when either "
              f"is not reached or the baseline's is 0.",
+             "Turns / episode, tool-call precision and recall (multi-turn runs only): `eval/turns`, "
+             "`eval/tool_call_precision`, `eval/tool_call_recall` at the last evaluation, mean over seeds "
+             "(calls against the ground-truth trace, docs/metrics.md).",
              "s / step: median of `time/step` over all steps of all seeds (rollout + scoring + update, eval "
              "excluded); peak RSS: the largest `ru_maxrss` of the seeds' training processes."]
     if na:

@@ -6,6 +6,8 @@ from __future__ import annotations
 import time
 
 from finegrain.eval.metrics import accuracy_with_ci, pass_at_k
+from finegrain.eval.process import miracle_step_rate
+from finegrain.eval.turns import episode_calls, tool_call_precision_recall
 from finegrain.sampling import SamplingParams
 
 
@@ -15,8 +17,10 @@ def evaluate(engine, task, examples, *, samples: int, temperature: float, max_ne
 
     Returns (metrics, records). metrics: accuracy (mean over all samples), accuracy_lo/hi (95%
     Wilson interval over samples), pass@k for k in 1, 2, 4 ≤ samples, greedy_accuracy when asked,
-    n_problems, seconds. records: the first ``keep_samples`` samples as dicts (prompt, response,
-    correct, answer) for reports.
+    n_problems, seconds; and, where the task and environment give what they need (see
+    ``process_metrics``): miracle_step_rate, turns, tool_calls, tool_call_precision/recall.
+    records: the first ``keep_samples`` samples as dicts (prompt, response, correct, answer) for
+    reports.
     """
     t0 = time.time()
     n = 1 if temperature == 0 else samples
@@ -33,7 +37,36 @@ def evaluate(engine, task, examples, *, samples: int, temperature: float, max_ne
     if greedy_too and temperature != 0:
         g = engine.generate(examples, 1, SamplingParams(temperature=0.0, max_new_tokens=max_new_tokens), seed)
         metrics["greedy_accuracy"] = sum(task.verify(ex, t) >= 1.0 for ex, t in zip(g.examples, g.response_texts)) / len(examples)
+    metrics |= process_metrics(task, traj, correct)
     metrics["seconds"] = time.time() - t0
     records = [{"prompt": ex.prompt, "response": text, "correct": c, "answer": ex.answer}
                for ex, text, c in list(zip(traj.examples, traj.response_texts, correct))[:keep_samples]]
     return metrics, records
+
+
+def process_metrics(task, traj, correct: list[bool]) -> dict[str, float]:
+    """How the sampled responses got to their answers (all over samples, not problems):
+
+    - ``miracle_step_rate``: among right answers, the fraction whose exact step labels hold a
+      non-correct step (``process.miracle_step_rate``); for tasks with ``label_steps``;
+    - ``turns``, ``tool_calls``: turns and well-formed tool calls per episode, for multi-turn
+      environments (``Trajectory.turn_info``);
+    - ``tool_call_precision``, ``tool_call_recall``: the calls against each example's
+      ground-truth trace ``meta["gold_calls"]`` (``turns.tool_call_precision_recall``), when
+      every example has one.
+
+    A metric with nothing to count (no right answer, no call made) is left out rather than NaN.
+    """
+    out: dict[str, float] = {}
+    if hasattr(task, "label_steps"):
+        first = [task.label_steps(ex, text).first_error for ex, text in zip(traj.examples, traj.response_texts)]
+        out["miracle_step_rate"] = miracle_step_rate(correct, first)["among_correct"]
+    if traj.turn_info:
+        calls = [episode_calls(row) for row in traj.turn_info]
+        out["turns"] = sum(len(row) for row in traj.turn_info) / len(traj.turn_info)
+        out["tool_calls"] = sum(len(c) for c in calls) / len(calls)
+        if all(ex.meta and "gold_calls" in ex.meta for ex in traj.examples):
+            pr = tool_call_precision_recall(calls, [[(n, tuple(a)) for n, a in ex.meta["gold_calls"]]
+                                                    for ex in traj.examples])
+            out["tool_call_precision"], out["tool_call_recall"] = pr["precision"], pr["recall"]
+    return {k: v for k, v in out.items() if v == v}  # NaN != NaN

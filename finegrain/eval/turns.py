@@ -158,3 +158,42 @@ def turn_records(tokenizer, ids: Sequence[int], turn_ids: Sequence[int], trained
         if rec is not None:
             rec.steps.append(i)
     return recs
+
+
+def tool_call_precision_recall(predicted: Sequence[Sequence[tuple]], gold: Sequence[Sequence[tuple]]) -> dict:
+    """Tool calls of episodes against their ground-truth call traces, micro-averaged.
+
+    A call is ``(name, args)`` with ``args`` a tuple of strings. Per episode b, matched_b is the
+    size of the multiset intersection of predicted_b and gold_b (a call made twice matches at most
+    as many gold copies as there are; order is not checked: ``judge_turns`` in the tasks checks
+    order). Then, over the B episodes::
+
+        precision = Σ_b matched_b / Σ_b |predicted_b|   (NaN when no call was made)
+        recall    = Σ_b matched_b / Σ_b |gold_b|        (NaN when no gold call exists)
+
+    Args: predicted, gold: (B,) lists of calls. Returns {"precision", "recall", "n_predicted", "n_gold"}.
+
+    >>> r = tool_call_precision_recall([[("f", ("a",)), ("f", ("a",)), ("g", ())]], [[("f", ("a",)), ("h", ())]])
+    >>> r["precision"], r["recall"]
+    (0.3333333333333333, 0.5)
+    """
+    from collections import Counter
+
+    if len(predicted) != len(gold):
+        raise ValueError(f"tool_call_precision_recall: {len(predicted)} predicted episodes but {len(gold)} gold ones")
+    matched = sum(sum((Counter(map(_call_key, p)) & Counter(map(_call_key, g))).values())
+                  for p, g in zip(predicted, gold))
+    n_pred, n_gold = sum(len(p) for p in predicted), sum(len(g) for g in gold)
+    return {"precision": matched / n_pred if n_pred else math.nan, "recall": matched / n_gold if n_gold else math.nan,
+            "n_predicted": n_pred, "n_gold": n_gold}
+
+
+def _call_key(call) -> tuple:
+    name, args = call
+    return str(name), tuple(str(a) for a in args)
+
+
+def episode_calls(turn_info: Sequence[Mapping[str, Any]]) -> list[tuple]:
+    """The well-formed tool calls of one episode (a row of ``Trajectory.turn_info``) as
+    ``(name, args)``, in order; malformed calls (``call`` None) are not calls."""
+    return [_call_key((t["call"]["name"], t["call"].get("args", ()))) for t in turn_info if t.get("call")]
