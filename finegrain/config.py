@@ -69,6 +69,9 @@ class SFTConfig:
     batch_size: int = _f(64, "Sequences per optimizer step.", range="[1, inf)")
     lr: float = _f(3e-3, "Peak learning rate (AdamW, linear warmup then cosine decay).", range="(0, inf)")
     warmup_steps: int = _f(50, "Linear warmup steps.", range="[0, inf)")
+    group_by_length: bool = _f(False, "Batch traces of similar length together (less padding, faster steps on "
+                                      "corpora of mixed lengths such as multi-hop tool traces); batch order stays "
+                                      "random.")
     seed: int = _f(0, "Seed of the corpus and the model init.", range="[0, inf)")
     cache_dir: str = _f(".cache/finegrain", "Where warm-started tiny models are cached (keyed by a hash of the "
                                              "task, model and SFT settings).")

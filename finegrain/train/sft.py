@@ -43,6 +43,33 @@ def _pieces(text: str, untrained: list[tuple[int, int]]) -> list[tuple[str, bool
     return out
 
 
+def encode_row(tokenizer, prompt: str, solution: str, untrained: list[tuple[int, int]] = ()) -> tuple[list[int], list[bool]]:
+    """Token ids of prompt + solution + EOS and, per token, whether it is trained on (solution
+    tokens outside the ``untrained`` character spans, and the EOS; see ``encode_pairs``)."""
+    p_ids = tokenizer(prompt, add_special_tokens=True)["input_ids"]
+    s_ids, s_mask = [], []
+    for piece, trained in _pieces(solution, list(untrained)):
+        ids = tokenizer(piece, add_special_tokens=False)["input_ids"] if piece else []
+        s_ids += ids
+        s_mask += [trained] * len(ids)
+    return p_ids + s_ids + [tokenizer.eos_token_id], [False] * len(p_ids) + s_mask + [True]
+
+
+def pad_rows(rows: list[tuple[list[int], list[bool]]], pad_token_id: int
+             ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Right-pad ``encode_row`` outputs: input_ids (B, T) long, attention_mask (B, T) bool,
+    target_mask (B, T) bool, T = the longest row."""
+    T = max(len(r) for r, _ in rows)
+    ids = torch.full((len(rows), T), pad_token_id, dtype=torch.long)
+    am = torch.zeros(len(rows), T, dtype=torch.bool)
+    tm = torch.zeros(len(rows), T, dtype=torch.bool)
+    for i, (r, m) in enumerate(rows):
+        ids[i, :len(r)] = torch.tensor(r)
+        am[i, :len(r)] = True
+        tm[i, :len(r)] = torch.tensor(m)
+    return ids, am, tm
+
+
 def encode_pairs(tokenizer, prompts: list[str], solutions: list[str],
                  untrained: list[list[tuple[int, int]]] | None = None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Tokenize prompt + solution + EOS, right-padded.
@@ -54,25 +81,8 @@ def encode_pairs(tokenizer, prompts: list[str], solutions: list[str],
     Returns input_ids (B, T) long, attention_mask (B, T) bool, target_mask (B, T) bool (True on
     solution tokens outside ``untrained`` and the EOS: the positions that are trained on).
     """
-    rows, tmasks = [], []
-    for i, (p, s) in enumerate(zip(prompts, solutions)):
-        p_ids = tokenizer(p, add_special_tokens=True)["input_ids"]
-        s_ids, s_mask = [], []
-        for piece, trained in _pieces(s, untrained[i] if untrained else []):
-            ids = tokenizer(piece, add_special_tokens=False)["input_ids"] if piece else []
-            s_ids += ids
-            s_mask += [trained] * len(ids)
-        rows.append(p_ids + s_ids + [tokenizer.eos_token_id])
-        tmasks.append([False] * len(p_ids) + s_mask + [True])
-    T = max(len(r) for r in rows)
-    ids = torch.full((len(rows), T), tokenizer.pad_token_id, dtype=torch.long)
-    am = torch.zeros(len(rows), T, dtype=torch.bool)
-    tm = torch.zeros(len(rows), T, dtype=torch.bool)
-    for i, (r, m) in enumerate(zip(rows, tmasks)):
-        ids[i, :len(r)] = torch.tensor(r)
-        am[i, :len(r)] = True
-        tm[i, :len(r)] = torch.tensor(m)
-    return ids, am, tm
+    rows = [encode_row(tokenizer, p, s, untrained[i] if untrained else []) for i, (p, s) in enumerate(zip(prompts, solutions))]
+    return pad_rows(rows, tokenizer.pad_token_id)
 
 
 def sft_loss(model, ids: torch.Tensor, am: torch.Tensor, tm: torch.Tensor) -> torch.Tensor:
@@ -86,10 +96,39 @@ def sft_loss(model, ids: torch.Tensor, am: torch.Tensor, tm: torch.Tensor) -> to
     return (ce * mask).sum() / mask.sum().clamp(min=1)
 
 
+def batch_order(lengths: list[int], batch_size: int, rng: random.Random, group_by_length: bool = False
+                ) -> list[list[int]]:
+    """One epoch's batches of row indices.
+
+    Plain: a shuffle cut into consecutive batches. ``group_by_length`` (as Hugging Face
+    Trainer's ``group_by_length``): the shuffle is cut into chunks of 50 batches, each chunk is
+    sorted by length (longest first) and cut into batches, and the batches are shuffled, so a
+    batch holds rows of similar length (little padding) and the order of batches stays random.
+    Every row appears exactly once either way.
+
+    >>> sorted(map(len, batch_order([5, 1, 5, 1], 2, random.Random(0), group_by_length=True)))
+    [2, 2]
+    >>> sorted(sorted([5, 1, 5, 1][i] for i in b) for b in batch_order([5, 1, 5, 1], 2, random.Random(0), True))
+    [[1, 1], [5, 5]]
+    """
+    order = list(range(len(lengths)))
+    rng.shuffle(order)
+    if not group_by_length:
+        return [order[s:s + batch_size] for s in range(0, len(order), batch_size)]
+    chunk, batches = 50 * batch_size, []
+    for c in range(0, len(order), chunk):
+        part = sorted(order[c:c + chunk], key=lambda i: -lengths[i])
+        batches += [part[s:s + batch_size] for s in range(0, len(part), batch_size)]
+    rng.shuffle(batches)
+    return batches
+
+
 def run_sft(model, tokenizer, pairs: list[tuple], *, epochs: int, batch_size: int, lr: float,
-            warmup_steps: int, seed: int, progress: Callable[[int, int, float], None] | None = None) -> dict:
+            warmup_steps: int, seed: int, progress: Callable[[int, int, float], None] | None = None,
+            group_by_length: bool = False) -> dict:
     """Train ``model`` in place on (prompt, solution) or (prompt, solution, untrained spans)
-    tuples (see ``encode_pairs``). Returns metrics (final loss, steps, seconds)."""
+    tuples (see ``encode_pairs``), in batches of ``batch_order``. Returns metrics (final loss,
+    steps, seconds)."""
     device = next(model.parameters()).device
     rng = random.Random(seed)
     total = epochs * math.ceil(len(pairs) / batch_size)
@@ -98,13 +137,13 @@ def run_sft(model, tokenizer, pairs: list[tuple], *, epochs: int, batch_size: in
                                               0.5 * (1 + math.cos(math.pi * min(1.0, s / max(1, total)))))
     model.train()
     t0, step, ema = time.time(), 0, None
+    # tokenized once: tokenizing every piece of every trace again each epoch cost as much as the
+    # forward and backward passes of the tiny models
+    rows = [encode_row(tokenizer, b[0], b[1], b[2] if len(b) > 2 else []) for b in pairs]
+    lengths = [len(r) for r, _ in rows]
     for _ in range(epochs):
-        order = list(range(len(pairs)))
-        rng.shuffle(order)
-        for s in range(0, len(order), batch_size):
-            batch = [pairs[i] for i in order[s:s + batch_size]]
-            spans = [b[2] if len(b) > 2 else [] for b in batch]
-            ids, am, tm = encode_pairs(tokenizer, [b[0] for b in batch], [b[1] for b in batch], spans)
+        for batch in batch_order(lengths, batch_size, rng, group_by_length):
+            ids, am, tm = pad_rows([rows[i] for i in batch], tokenizer.pad_token_id)
             loss = sft_loss(model, ids.to(device), am.to(device), tm.to(device))
             opt.zero_grad(set_to_none=True)
             loss.backward()
@@ -156,6 +195,7 @@ def warm_started_tiny(task, task_kwargs: dict, model_cfg, sft_cfg, log=print):
         with Progress("SFT warm start", total=None) as bar:
             info = run_sft(model, tok, pairs, epochs=sft_cfg.epochs, batch_size=sft_cfg.batch_size, lr=sft_cfg.lr,
                            warmup_steps=sft_cfg.warmup_steps, seed=sft_cfg.seed,
+                           group_by_length=sft_cfg.group_by_length,
                            progress=lambda s, n, l: bar.update(s, n, f"loss {l:.3f}"))
         cache.mkdir(parents=True, exist_ok=True)
         model.save_pretrained(cache)
