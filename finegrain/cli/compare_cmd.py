@@ -59,8 +59,8 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
                                           "summary.html to --out. Rerunning the same command trains only the runs "
                                           "that are not finished.")
     p.add_argument("--methods", required=True,
-                   help="comma list of [LABEL=]SOURCE; SOURCE: a recipe (grpo, rloo, prime, step_oracle, agent) or a "
-                        "YAML config file; LABEL names a variant, e.g. grpo,prime_lr=prime")
+                   help="comma list of [LABEL=]SOURCE; SOURCE: a recipe (grpo, rloo, prime, step_oracle, agent, agent_igpo, "
+                        "agent_matchtir) or a YAML config file; LABEL names a variant, e.g. grpo,prime_lr=prime")
     p.add_argument("--seeds", type=_seeds, default=[0, 1, 2], help="train.seed values, comma list (default 0,1,2)")
     p.add_argument("--out", required=True, help="output directory: runs/, configs/ and the summary files")
     p.add_argument("--set", dest="sets", nargs="+", action="extend", default=[], metavar="KEY=VALUE",
