@@ -149,3 +149,11 @@ def test_scientific_notation_without_a_dot_is_a_number(tmp_path):
     assert load_config(p, ["rollout.temperature=7e-1"]).rollout.temperature == 0.7
     cfg = load_config(p, ["rewards=[{name: implicit_prm, kwargs: {lr: 2e-5}}]", "advantage.name=prime_rloo"])
     assert cfg.rewards[0].kwargs["lr"] == 2e-5 and isinstance(cfg.rewards[0].kwargs["lr"], float)
+
+
+@pytest.mark.parametrize("method", sorted(__import__("finegrain.recipes", fromlist=["DEMO_METHODS"]).DEMO_METHODS))
+def test_every_demo_recipe_validates(method):
+    """Each `finegrain demo --method` config passes validation (registries, ranges, level checks)."""
+    from finegrain.config import validate
+
+    validate(demo_config(method))

@@ -83,7 +83,8 @@ def main(argv: list[str] | None = None) -> None:
     ap = _OneLineParser(prog="finegrain", description="RL for language models with fine-grained rewards")
     sub = ap.add_subparsers(dest="cmd", required=True, parser_class=_OneLineParser)
     d = sub.add_parser("demo", help="train a tiny model on the synthetic arithmetic task on CPU, before/after table")
-    d.add_argument("--method", default="grpo", help="grpo | rloo | prime | step_oracle | agent (tool use, multi-turn)")
+    d.add_argument("--method", default="grpo", help="grpo | rloo | prime | step_oracle (arith) | agent | agent_igpo | agent_matchtir (lookup "
+                                                        "with a tool, multi-turn)")
     d.add_argument("--out", default=None, help="run directory (default runs/demo-<method>)")
     d.add_argument("overrides", nargs="*", help="key=value config overrides")
     t = sub.add_parser("train", help="RL from a YAML config")

@@ -57,21 +57,53 @@ def demo_step_oracle() -> dict:
 
 
 def demo_agent() -> dict:
-    """A tool-using agent: multi-hop lookup questions answered by calling a ``lookup`` tool over
-    several turns (the ``tool_use`` environment); tool outputs are never trained on. Outcome-only
-    GRPO with the task verifier; the SFT traces include deliberately flawed tool use.
+    """A tool-using agent: multi-hop lookup questions (2–4 hops) answered by calling a ``lookup``
+    tool over several turns (the ``tool_use`` environment); tool outputs are never trained on.
+    Outcome-only GRPO with the task verifier; 30% of the SFT traces are deliberately flawed (wrong
+    tool, redundant call, wrong argument, answer without looking up, wrong answer), so the warm
+    start answers right greedily but often not when sampling, and RL has those habits to remove.
 
-    Not yet measured end to end (time from a cold cache, held-out gain): see docs/benchmarks.md
-    before relying on its settings."""
+    Sized for the 10-minute CPU demo (docs/benchmarks.md, "Agent demo"): the tiny model needs
+    ~500 small SFT steps to learn to copy entity names from tool results into the next call
+    (before that it guesses names and solves ~1%); batches of 16 get there in about half the
+    compute of batches of 32. No accuracy-band filter: with a warm start near 50% most groups are
+    mixed anyway, and the filter's refills would cost generation time."""
     cfg = demo_grpo()
     cfg["task"] = {"name": "lookup", "kwargs": {}}
-    cfg["sft"] = {"n_examples": 3800, "flawed_fraction": 0.3, "epochs": 2, "batch_size": 32, "lr": 3e-3}
-    cfg["rollout"] = {"prompts_per_step": 16, "group_size": 8, "temperature": 1.0, "max_new_tokens": 48,
+    cfg["sft"] = {"n_examples": 3868, "flawed_fraction": 0.3, "epochs": 2, "batch_size": 16, "lr": 3e-3,
+                  "warmup_steps": 20}
+    cfg["rollout"] = {"prompts_per_step": 8, "group_size": 8, "temperature": 1.0, "max_new_tokens": 48,
                       "env": "tool_use", "max_turns": 6}
-    cfg["eval"] = {"n_problems": 200, "samples": 4, "temperature": 1.0, "max_new_tokens": 48}
-    cfg["train"]["out_dir"] = "runs/demo-agent"
+    cfg["filters"] = {"filters": []}
+    cfg["optim"] = {"lr": 3e-4, "grad_clip": 1.0}
+    cfg["eval"] = {"n_problems": 200, "samples": 2, "temperature": 1.0, "max_new_tokens": 48}
+    cfg["train"] = {"steps": 12, "eval_every": 0, "save_every": 6, "out_dir": "runs/demo-agent"}
+    return cfg
+
+
+def demo_agent_igpo() -> dict:
+    """``demo_agent`` with IGPO: information-gain turn rewards (the policy's probability of the
+    gold answer after each turn, docs/algorithms/igpo.md) next to the verifier, IGPO's turn
+    advantage."""
+    cfg = demo_agent()
+    cfg["rewards"] = [{"name": "info_gain", "weight": 1.0, "kwargs": {"kind": "prob_diff"}},
+                      {"name": "verifier", "weight": 1.0}]
+    cfg["advantage"] = {"name": "igpo", "kwargs": {"norm_mode": "separate"}}
+    cfg["train"]["out_dir"] = "runs/demo-agent_igpo"
+    return cfg
+
+
+def demo_agent_matchtir() -> dict:
+    """``demo_agent`` with MatchTIR: tool calls matched to the gold trace as turn rewards
+    (optimal assignment, docs/algorithms/matchtir.md) next to the verifier, the dual-level
+    trajectory + turn advantage."""
+    cfg = demo_agent()
+    cfg["rewards"] = [{"name": "tool_call_match", "weight": 1.0, "kwargs": {"assignment": "optimal"}},
+                      {"name": "verifier", "weight": 1.0}]
+    cfg["advantage"] = {"name": "matchtir", "kwargs": {"lam": 0.9}}
+    cfg["train"]["out_dir"] = "runs/demo-agent_matchtir"
     return cfg
 
 
 DEMO_METHODS = {"grpo": demo_grpo, "rloo": demo_rloo, "prime": demo_prime, "step_oracle": demo_step_oracle,
-                "agent": demo_agent}
+                "agent": demo_agent, "agent_igpo": demo_agent_igpo, "agent_matchtir": demo_agent_matchtir}
