@@ -132,35 +132,35 @@ def _train(cfg: RunConfig, out: Path, stop_after: int | None, log: Callable[[str
             # ---- rollout + filters
             traj, pre_scored, fmetrics = collect_batch(cfg, run.engine, pool, run.signals, run.filters, step,
                                                        outcome=run.outcome)
-            if traj is None:
+            if traj is None:  # no update; the eval, log and checkpoint below still happen on schedule
                 log(f"step {step + 1}: every group was filtered out; skipping the update")
-                logger.log(step + 1, prefixed("filter", fmetrics))
                 run.scheduler.step()
-                continue
-            t_gen = time.time()
-            # ---- online reward models that learn before scoring, then score every signal
-            rm_metrics = update_reward_models(run, traj, "before")
-            scored = score_batch(run, traj, pre_scored, step)
-            t_score = time.time()
-            # ---- credit
-            advantages = compute_advantages(cfg, scored.per_source, traj)
-            check_finite(f"step {step + 1}: advantages", advantages, traj.loss_mask)
-            # ---- update: the policy, then online reward models that learn after it
-            umetrics = update_policy(run, traj, advantages, scored, step)
-            rm_metrics |= update_reward_models(run, traj, "after")
-            run.scheduler.step()
-            t_upd = time.time()
-            # ---- log
-            row = {**prefixed("loss", umetrics), **prefixed("filter", fmetrics), **rm_metrics}
-            for n, o in scored.outputs.items():
-                row[f"reward/{n}/mean"] = float(o.values[o.mask].float().mean()) if o.mask.any() else 0.0
-                row.update(prefixed(f"reward/{n}", o.components))
-            row |= {"adv/mean": masked_mean(advantages, traj.loss_mask), "adv/abs_mean": masked_mean(advantages.abs(), traj.loss_mask),
-                   "rollout/response_len": traj.response_mask.sum(1).float().mean(),
-                   "rollout/truncated_frac": traj.truncated.float().mean(), "rollout/rows": traj.batch_size,
-                   **rollout_metrics(traj),
-                   "optim/lr": run.scheduler.get_last_lr()[0], "time/generate": t_gen - t0, "time/score": t_score - t_gen,
-                   "time/update": t_upd - t_score, "time/step": t_upd - t0}
+                row = prefixed("filter", fmetrics)
+            else:
+                t_gen = time.time()
+                # ---- online reward models that learn before scoring, then score every signal
+                rm_metrics = update_reward_models(run, traj, "before")
+                scored = score_batch(run, traj, pre_scored, step)
+                t_score = time.time()
+                # ---- credit
+                advantages = compute_advantages(cfg, scored.per_source, traj)
+                check_finite(f"step {step + 1}: advantages", advantages, traj.loss_mask)
+                # ---- update: the policy, then online reward models that learn after it
+                umetrics = update_policy(run, traj, advantages, scored, step)
+                rm_metrics |= update_reward_models(run, traj, "after")
+                run.scheduler.step()
+                t_upd = time.time()
+                # ---- log
+                row = {**prefixed("loss", umetrics), **prefixed("filter", fmetrics), **rm_metrics}
+                for n, o in scored.outputs.items():
+                    row[f"reward/{n}/mean"] = float(o.values[o.mask].float().mean()) if o.mask.any() else 0.0
+                    row.update(prefixed(f"reward/{n}", o.components))
+                row |= {"adv/mean": masked_mean(advantages, traj.loss_mask), "adv/abs_mean": masked_mean(advantages.abs(), traj.loss_mask),
+                       "rollout/response_len": traj.response_mask.sum(1).float().mean(),
+                       "rollout/truncated_frac": traj.truncated.float().mean(), "rollout/rows": traj.batch_size,
+                       **rollout_metrics(traj),
+                       "optim/lr": run.scheduler.get_last_lr()[0], "time/generate": t_gen - t0, "time/score": t_score - t_gen,
+                       "time/update": t_upd - t_score, "time/step": t_upd - t0}
             if (cfg.train.eval_every and (step + 1) % cfg.train.eval_every == 0 and step + 1 < cfg.train.steps):
                 m, _ = evaluate(run.engine, task, eval_set, **ev)
                 row.update(prefixed("eval", m))

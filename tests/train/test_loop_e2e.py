@@ -144,3 +144,22 @@ def test_exact_step_rewards_run_through_per_source_credit(tmp_path, sft_cache):
     rows = [r for r in read_log(tmp_path / "so" / "metrics.jsonl") if "loss/loss" in r]
     assert len(rows) == 2 and all("reward/step_labels/wrong_steps" in r for r in rows)
     assert all(r["adv/abs_mean"] > 0 for r in rows)
+
+
+def test_a_step_with_every_group_filtered_still_evaluates_and_saves(tmp_path, sft_cache):
+    """A micro model rarely answers right, so the accuracy band keeps no group: every step is
+    skipped, yet the scheduled evals, the checkpoints and the final checkpoint still happen
+    (they were skipped with the update, leaving `latest` behind the report)."""
+    cfg = make_cfg("grpo", tmp_path / "run", sft_cache, **{
+        "train.steps": 2, "train.eval_every": 1, "train.save_every": 1,
+        "filters.filters": [{"name": "accuracy_band", "kwargs": {"low": 0.99, "high": 1.0}}],
+        "filters.max_refills": 0})
+    notes = []
+    train(cfg, log=notes.append)
+    assert sum("every group was filtered out" in n for n in notes) == 2
+    rows = read_log(tmp_path / "run" / "metrics.jsonl")
+    assert [r["step"] for r in rows if "eval/accuracy" in r] == [0, 1, 2]  # before, step 1, after
+    assert not any("loss/loss" in r for r in rows)
+    ck = tmp_path / "run" / "checkpoints"
+    assert (ck / "step_000001").is_dir() and (ck / "step_000002").is_dir()
+    assert (ck / "latest").read_text().strip() == "step_000002"
