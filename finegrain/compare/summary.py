@@ -308,9 +308,11 @@ def _notes(summary: dict) -> list[str]:
              "(calls against the ground-truth trace, docs/metrics.md).",
              "s / step: median of `time/step` over all steps of all seeds (rollout + scoring + update, eval "
              "excluded); peak RSS: the largest `ru_maxrss` of the seeds' training processes."]
+    keys = {"miracle-step rate": MIRACLE_KEY, "PRM first-wrong-step acc": PRM_FIRST_WRONG_KEY}
     if na:
-        notes.append(f"n/a in {' and '.join(na)}: the runs' metrics.jsonl has no `{MIRACLE_KEY}` / "
-                     f"`{PRM_FIRST_WRONG_KEY}` (the trainer's evaluation does not log them).")
+        notes.append(f"n/a in {' and '.join(na)}: the runs' metrics.jsonl has no "
+                     f"{' / '.join(f'`{keys[c]}`' for c in na)} (the trainer's evaluation does not log it for "
+                     f"this task or reward).")
     return notes
 
 

@@ -77,7 +77,7 @@ def demo_agent() -> dict:
     cfg["filters"] = {"filters": []}
     cfg["optim"] = {"lr": 3e-4, "grad_clip": 1.0}
     cfg["eval"] = {"n_problems": 200, "samples": 2, "temperature": 1.0, "max_new_tokens": 48}
-    cfg["train"] = {"steps": 12, "eval_every": 0, "save_every": 6, "out_dir": "runs/demo-agent"}
+    cfg["train"] = {"steps": 20, "eval_every": 0, "save_every": 10, "out_dir": "runs/demo-agent"}
     return cfg
 
 
