@@ -13,6 +13,7 @@ from __future__ import annotations
 import json
 import random
 import time
+import warnings
 from pathlib import Path
 from typing import Callable
 
@@ -134,7 +135,9 @@ def _train(cfg: RunConfig, out: Path, stop_after: int | None, log: Callable[[str
                                                        outcome=run.outcome)
             if traj is None:  # no update; the eval, log and checkpoint below still happen on schedule
                 log(f"step {step + 1}: every group was filtered out; skipping the update")
-                run.scheduler.step()
+                with warnings.catch_warnings():  # the schedule advances without an optimizer step, on purpose
+                    warnings.filterwarnings("ignore", message=r"Detected call of `lr_scheduler.step\(\)` before")
+                    run.scheduler.step()
                 row = prefixed("filter", fmetrics)
             else:
                 t_gen = time.time()
