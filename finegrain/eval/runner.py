@@ -49,8 +49,8 @@ def process_metrics(task, traj, correct: list[bool]) -> dict[str, float]:
 
     - ``miracle_step_rate``: among right answers, the fraction whose exact step labels hold a
       non-correct step (``process.miracle_step_rate``); for tasks with ``label_steps``;
-    - ``turns``, ``tool_calls``: turns and well-formed tool calls per episode, for multi-turn
-      environments (``Trajectory.turn_info``);
+    - ``turns``, ``tool_calls``: turns and well-formed tool calls per episode, for tool
+      environments (whose ``Trajectory.turn_info`` reports carry a ``call`` key);
     - ``tool_call_precision``, ``tool_call_recall``: the calls against each example's
       ground-truth trace ``meta["gold_calls"]`` (``turns.tool_call_precision_recall``), when
       every example has one.
@@ -61,7 +61,7 @@ def process_metrics(task, traj, correct: list[bool]) -> dict[str, float]:
     if hasattr(task, "label_steps"):
         first = [task.label_steps(ex, text).first_error for ex, text in zip(traj.examples, traj.response_texts)]
         out["miracle_step_rate"] = miracle_step_rate(correct, first)["among_correct"]
-    if traj.turn_info:
+    if any("call" in t for row in traj.turn_info or [] for t in row):  # a tool environment's turn reports
         calls = [episode_calls(row) for row in traj.turn_info]
         out["turns"] = sum(len(row) for row in traj.turn_info) / len(traj.turn_info)
         out["tool_calls"] = sum(len(c) for c in calls) / len(calls)
