@@ -47,6 +47,7 @@ import yaml
 
 from finegrain.config import RunConfig, apply_overrides, from_dict, load_config, load_yaml, to_dict, validate
 from finegrain.recipes import DEMO_METHODS
+from finegrain.train.rundir import flatten  # dotted keys of a nested config, as resume compares them
 
 # dotted keys (and every key under them) in which the configs of two methods may differ
 METHOD_KEYS = ("rewards", "advantage", "loss", "filters", "train.out_dir", "train.seed")
@@ -171,17 +172,6 @@ def plan_runs(methods: list[Method], seeds: list[int], out: Path, sets: list[str
 # checks before launch
 
 _UNSET = object()
-
-
-def flatten(d: dict, prefix: str = "") -> dict:
-    """{'a': {'b': 1}, 'c': [1], 'e': {}} -> {'a.b': 1, 'c': [1], 'e': {}} (lists and empty dicts are values)."""
-    out = {}
-    for k, v in d.items():
-        if isinstance(v, dict) and v and all(isinstance(x, str) for x in v):
-            out.update(flatten(v, f"{prefix}{k}."))
-        else:
-            out[f"{prefix}{k}"] = v
-    return out
 
 
 def _under(key: str, prefixes) -> bool:

@@ -18,6 +18,7 @@ report can colour them with the token and step scores it already has.
 from __future__ import annotations
 
 import math
+from collections import Counter
 from dataclasses import dataclass, field
 from typing import Any, Mapping, Sequence
 
@@ -177,8 +178,6 @@ def tool_call_precision_recall(predicted: Sequence[Sequence[tuple]], gold: Seque
     >>> r["precision"], r["recall"]
     (0.3333333333333333, 0.5)
     """
-    from collections import Counter
-
     if len(predicted) != len(gold):
         raise ValueError(f"tool_call_precision_recall: {len(predicted)} predicted episodes but {len(gold)} gold ones")
     matched = sum(sum((Counter(map(_call_key, p)) & Counter(map(_call_key, g))).values())
