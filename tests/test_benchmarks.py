@@ -40,3 +40,14 @@ def test_step_timing_runs_the_trainers_stages(tmp_path, sft_cache, method):
     rec = side.step(0)
     assert rec["rows"] == 16 and rec["total"] >= rec["generate"] > 0
     assert sorted(e.prompt for e in side.prompts_for(0)) == rec["prompts"]
+
+
+def test_probe_speed_runs_and_its_three_paths_agree(capsys):
+    bench = load("probe_speed")
+    (row,) = bench.main(["--models", "tiny", "--probes", "3", "--responses", "2", "--prompt-len", "8",
+                         "--response-len", "10", "--answer-len", "2", "--reps", "1"])
+    # 2 responses x 3 probes, one packed row each: P + max n_k + K·(|"A: "| + answer) tokens per response
+    assert row["packs"] and row["probes"] == 6 and row["shared_forwards"] == 1
+    assert row["shared_tokens"] <= 2 * (8 + 9 + 3 * 5) < row["naive_tokens"]
+    assert row["naive_diff"] < 1e-5 and row["one_by_one_diff"] < 1e-5
+    assert "| tiny | 0.9M | 3 | 6 |" in capsys.readouterr().out

@@ -36,7 +36,7 @@ from typing import Sequence
 import torch
 
 from finegrain.masked import group_index
-from finegrain.models.logprobs import logprobs_from_logits, response_logits
+from finegrain.models.probe import mean_logprob, probe_logprobs, probe_token_ids
 from finegrain.rewards.base import REWARDS, RewardOutput
 
 
@@ -88,36 +88,16 @@ class EnvTurns:
 
 # --------------------------------------------------------------------------------- info_gain (IGPO)
 
-def probe_token_ids(tokenizer, prefix: str, answer: str) -> tuple[list[int], list[int]]:
-    """Token ids of the probe text ``prefix + answer``, split into (prefix ids, answer ids).
-
-    The text is tokenized as one string (as the model would see it) and a token belongs to the
-    answer when it covers any of the answer's characters (IGPO's offset-mapping rule). Tokenizers
-    without offsets fall back to tokenizing the two parts separately.
-    """
-    text = prefix + answer
-    try:
-        enc = tokenizer(text, add_special_tokens=False, return_offsets_mapping=True)
-        ids, offsets = list(enc["input_ids"]), list(enc["offset_mapping"])
-    except (NotImplementedError, KeyError, TypeError, ValueError):
-        return (list(tokenizer(prefix, add_special_tokens=False)["input_ids"]),
-                list(tokenizer(answer, add_special_tokens=False)["input_ids"]))
-    first = next((i for i, (_, end) in enumerate(offsets) if end > len(prefix)), len(ids))
-    return ids[:first], ids[first:]
-
-
 @torch.no_grad()
 def mean_answer_logprobs(model, contexts: Sequence[Sequence[int]], answers: Sequence[Sequence[int]], *,
                          pad_token_id: int, micro_batch: int = 16) -> torch.Tensor:
-    """Teacher-forced mean log-prob of each answer after its context, in batched forward passes.
+    """Teacher-forced mean log-prob of each answer after its context (``finegrain.models.probe``).
 
     lp_n = (1/|a_n|) Σ_j log π(a_{n,j} | c_n, a_{n,<j})
 
-    Each probe row is ``c_n + a_n``, left-padded to the longest row of its micro-batch, with
-    position ids from the attention mask (``finegrain.models.logprobs.response_logits``), so a
-    row's log-probs do not depend on what it is batched with. Rows are sorted by length first to
-    waste little on padding. Cost: ceil(N / micro_batch) forward passes over Σ_n (|c_n| + |a_n|)
-    real tokens.
+    The probes go through ``probe_logprobs``: probes that share a prefix (the turn boundaries of
+    one episode) are packed into one row where the model allows it, else each probe is its own
+    left-padded row; either way a probe's value does not depend on what it is batched with.
 
     Args:
         model: causal LM (called under no_grad; its train/eval mode is left as it is).
@@ -128,31 +108,9 @@ def mean_answer_logprobs(model, contexts: Sequence[Sequence[int]], answers: Sequ
     Returns:
         (N,) float32 on the model's device.
     """
-    if len(contexts) != len(answers):
-        raise ValueError(f"mean_answer_logprobs: {len(contexts)} contexts but {len(answers)} answers")
     device = next(model.parameters()).device
-    out = torch.full((len(contexts),), float("nan"), device=device)
-    rows = [n for n in range(len(contexts)) if len(answers[n])]
-    if any(not len(contexts[n]) for n in rows):
-        raise ValueError("mean_answer_logprobs: every probe needs a non-empty context")
-    rows.sort(key=lambda n: len(contexts[n]) + len(answers[n]), reverse=True)
-    for start in range(0, len(rows), micro_batch):
-        chunk = rows[start:start + micro_batch]
-        width = max(len(contexts[n]) + len(answers[n]) for n in chunk)
-        A = max(len(answers[n]) for n in chunk)
-        ids = torch.full((len(chunk), width), pad_token_id, dtype=torch.long)
-        mask = torch.zeros(len(chunk), width, dtype=torch.bool)
-        n_ans = torch.tensor([len(answers[n]) for n in chunk])
-        for r, n in enumerate(chunk):
-            seq = list(contexts[n]) + list(answers[n])
-            ids[r, width - len(seq):] = torch.tensor(seq, dtype=torch.long)
-            mask[r, width - len(seq):] = True
-        ids, mask, n_ans = ids.to(device), mask.to(device), n_ans.to(device)
-        lp = logprobs_from_logits(response_logits(model, ids, mask, A), ids[:, -A:])    # (n, A)
-        is_answer = torch.arange(A, device=device)[None, :] >= (A - n_ans)[:, None]    # (n, A)
-        mean = torch.where(is_answer, lp, torch.zeros_like(lp)).sum(1) / n_ans
-        out[torch.tensor(chunk, device=device)] = mean
-    return out
+    lps = probe_logprobs(model, contexts, answers, pad_token_id=pad_token_id, micro_batch=micro_batch)
+    return mean_logprob(lps).to(device)
 
 
 def probe_prefix_lengths(turn_ids: torch.Tensor, num_turns: int) -> list[int]:
@@ -206,11 +164,12 @@ class InfoGain:
     an outcome signal such as ``verifier`` and the ``igpo`` estimator). Only the answer tokens are
     scored; tokens of the prefix that cover answer characters count as answer tokens.
 
-    Cost per batch: Σ_{b: K_b≥2} K_b probe rows (one per turn boundary), each of at most
-    P_b + L_b + |prefix| + |answer| tokens, in ceil(rows / micro_batch) forward passes of the policy
-    under no_grad. A K-turn rollout adds K probe rows whose lengths grow from the prompt to nearly
-    the whole rollout: about K/2 times the tokens of one forward pass over that rollout. Prefixes
-    are not shared through a KV cache.
+    Cost per batch: Σ_{b: K_b≥2} K_b probes (one per turn boundary) of the policy under no_grad,
+    through ``finegrain.models.probe.probe_logprobs``. The K_b probes of an episode share its
+    prefix: packed into one row (Hugging Face Llama / Mistral / Qwen2 / Qwen3 models) they cost
+    about P_b + L_b + K_b·(|prefix| + |answer|) tokens, about one forward over the rollout, in
+    ceil(rows / micro_batch) forward passes. Without packing (other models) each probe is its own
+    row of up to P_b + L_b + |prefix| + |answer| tokens: about K_b/2 forwards over the rollout.
 
     Sources: IGPO (arXiv:2510.14967); GuoqingWang1/IGPO
     scrl/llm_agent/generation.py @ 49a8c4ec025316a686fb639478a418abc472171c (PREFIX/SUFFIX
