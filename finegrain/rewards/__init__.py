@@ -9,3 +9,4 @@ from finegrain.rewards import length, online_prm, step_labels, verifiers  # noqa
 from finegrain.rewards import agents  # noqa: E402,F401  (registers entries)
 from finegrain.rewards.functions import RewardFunction, register_reward_function  # noqa: E402,F401
 from finegrain.rewards import random  # noqa: E402,F401  (registers the random baseline)
+from finegrain.rewards import laser, pear  # noqa: E402,F401  (registers the length and entropy shaping rewards)

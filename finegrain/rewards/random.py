@@ -8,8 +8,8 @@ at the mean accuracy (``finegrain.eval.selection.random_curve``), and one run is
 
 Randomness is passed in: ``seed`` defaults to ``ctx.cfg.train.seed`` (in ``finegrain eval``,
 ``--seed``). The generator is created once, so the values depend on the seed and on the order and
-sizes of the batches scored (the same run reproduces them; a resumed training run starts the
-stream again, since the generator's state is not checkpointed).
+sizes of the batches scored. The generator's state is checkpointed (``stateful``: the trainer
+saves ``state_dict()`` with every checkpoint), so a resumed run continues the same stream.
 
 >>> from types import SimpleNamespace
 >>> traj = SimpleNamespace(batch_size=3, response_ids=torch.zeros(3, 1))
@@ -20,13 +20,15 @@ stream again, since the generator's state is not checkpointed).
 
 from __future__ import annotations
 
+import json
+
 import numpy as np
 import torch
 
 from finegrain.rewards.base import REWARDS, RewardOutput
 
 
-@REWARDS.register("random", level="outcome", bounds={"seed": "[0, inf)"},
+@REWARDS.register("random", level="outcome", bounds={"seed": "[0, inf)"}, stateful=True,
                   vote="identity", center=0.5, search_value="last")
 class RandomReward:
     """r_i ~ U[0, 1) per response, from ``numpy.random.default_rng(seed)`` (level 'outcome')."""
@@ -40,6 +42,16 @@ class RandomReward:
     @classmethod
     def from_context(cls, ctx, *, seed: int | None = None):
         return cls(seed=ctx.cfg.train.seed if seed is None else seed)
+
+    def state_dict(self) -> dict:
+        """The generator's state as JSON text (its 128-bit integers survive ``weights_only`` loading)."""
+        return {"bit_generator": json.dumps(self.rng.bit_generator.state)}
+
+    def load_state_dict(self, state: dict) -> None:
+        try:
+            self.rng.bit_generator.state = json.loads(state["bit_generator"])
+        except (KeyError, TypeError, ValueError) as e:
+            raise ValueError(f"random.load_state_dict: expected {{'bit_generator': <JSON state>}}, got {e}") from None
 
     def __call__(self, traj) -> RewardOutput:
         values = torch.tensor(self.rng.random(traj.batch_size), dtype=torch.float32,

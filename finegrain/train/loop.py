@@ -111,6 +111,11 @@ def _train(cfg: RunConfig, out: Path, stop_after: int | None, log: Callable[[str
             apply_optim_config(run.optimizer, run.scheduler, cfg)
         for n, s in run.trainables.items():
             s.load_checkpoint(ck / n, resumed_state["signals"][n])
+        for n, s in run.stateful.items():  # e.g. LASER-D's length window, the random reward's generator
+            if n not in resumed_state.get("reward_state", {}):
+                raise ValueError(f"{ck}: state.pt holds no state for reward '{n}' (saved by an older finegrain?); "
+                                 "train.resume=false starts over")
+            s.load_state_dict(resumed_state["reward_state"][n])
         start = resumed_state["step"]
         log(f"resumed from {ck} at step {start}")
         keep_thread_count(resumed_state.get("threads"), cfg, log)
@@ -195,7 +200,8 @@ def _train(cfg: RunConfig, out: Path, stop_after: int | None, log: Callable[[str
 def _save(out: Path, step: int, run, before: dict) -> None:
     models = {"policy": (run.policy, run.tokenizer)}
     state = {"optimizer": run.optimizer.state_dict(), "scheduler": run.scheduler.state_dict(), "eval_before": before,
-             "signals": {}, "config": to_dict(run.cfg), "threads": torch.get_num_threads()}
+             "signals": {}, "config": to_dict(run.cfg), "threads": torch.get_num_threads(),
+             "reward_state": {n: s.state_dict() for n, s in run.stateful.items()}}
     for n, s in run.trainables.items():
         model, extra = s.state_dict_for_checkpoint()
         models[n] = (model, None)

@@ -64,6 +64,7 @@ class Run:
     filters: list[tuple[str, Callable, dict]]
     outcome: str | None  # the signal filters read
     trainables: dict[str, Any]  # signals that train online (registry metadata ``trainable``)
+    stateful: dict[str, Any]  # signals with state_dict()/load_state_dict() (registry metadata ``stateful``)
     optimizer: torch.optim.Optimizer
     scheduler: Any
     shuffle: torch.Generator = field(default_factory=torch.Generator)
@@ -136,6 +137,7 @@ def build_run(cfg: RunConfig, task, log: Callable[[str], None], *, policy: tuple
     return Run(cfg=cfg, task=task, policy=policy, tokenizer=tok, init_info=init_info, engine=engine, ref=ref,
                signals=signals, weights={r.name: r.weight for r in cfg.rewards}, filters=filters,
                outcome=outcome_signal(cfg), trainables={n: s for n, s in signals.items() if REWARDS.meta(n).get("trainable")},
+               stateful={n: s for n, s in signals.items() if REWARDS.meta(n).get("stateful")},
                optimizer=optimizer, scheduler=make_schedule(optimizer, cfg))
 
 

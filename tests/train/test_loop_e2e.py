@@ -163,3 +163,27 @@ def test_a_step_with_every_group_filtered_still_evaluates_and_saves(tmp_path, sf
     ck = tmp_path / "run" / "checkpoints"
     assert (ck / "step_000001").is_dir() and (ck / "step_000002").is_dir()
     assert (ck / "latest").read_text().strip() == "step_000002"
+
+
+@pytest.mark.parametrize("reward, kwargs", [("random", {}), ("laser_d", {"monitor_every": 2})])
+def test_stateful_reward_resumes_its_state(tmp_path, sft_cache, reward, kwargs):
+    # the random reward's generator and LASER-D's length window live in state.pt: a run killed
+    # after step 2 and resumed logs the same rewards as an uninterrupted one
+    def cfg(out):
+        c = make_cfg("grpo", out, sft_cache, **{"train.steps": 4})
+        d = to_dict(c)
+        d["rewards"].append({"name": reward, "weight": 1.0, "kwargs": kwargs})
+        c = from_dict(RunConfig, d)
+        validate(c)
+        return c
+
+    train(cfg(tmp_path / "full"), log=lambda s: None)
+    cut = cfg(tmp_path / "cut")
+    train(cut, stop_after=2, log=lambda s: None)
+    state = torch.load(tmp_path / "cut" / "checkpoints" / "step_000002" / "state.pt", weights_only=True)
+    assert reward in state["reward_state"]
+    train(cut, log=lambda s: None)
+    key = f"reward/{reward}/mean"
+    full = [r[key] for r in read_log(tmp_path / "full" / "metrics.jsonl") if key in r]
+    resumed = [r[key] for r in read_log(tmp_path / "cut" / "metrics.jsonl") if key in r]
+    assert len(full) == 4 and full == resumed
