@@ -33,6 +33,9 @@ SETTINGS = {
     "skill_gap": {"max_new_tokens": 48, "sft": {"n_examples": 30000, "flawed_fraction": 0.0}},
     # the demo's slips kept, so the miracle traces are the only difference from the demo corpus
     "miracle": {"max_new_tokens": 48, "sft": {"n_examples": 30000, "flawed_fraction": 0.3}},
+    # gold <= 69 characters, gap traces a little longer; 15,000 traces of ~2x the demo's length
+    # keep the demo's SFT token budget
+    "skill_gap_long": {"max_new_tokens": 96, "sft": {"n_examples": 15000, "flawed_fraction": 0.0}},
 }
 
 

@@ -9,7 +9,7 @@ its errors are random sampling slips, so an outcome reward and an exact process 
 (``step_labels``) tell the policy much the same thing. Each regime removes that in one way.
 
 >>> sorted(REGIMES)
-['long_chains', 'miracle', 'skill_gap']
+['long_chains', 'miracle', 'skill_gap', 'skill_gap_long']
 >>> from finegrain.tasks.arith import ArithTask
 >>> all(isinstance(ArithTask(**r.task_kwargs), ArithTask) for r in REGIMES.values())
 True
@@ -58,4 +58,15 @@ MIRACLE = Regime(
     (``eval/miracle_step_rate``) falling under step_labels and staying (or rising) under
     outcome-only GRPO, at a similar final accuracy.""")
 
-REGIMES: dict[str, Regime] = {"long_chains": LONG_CHAINS, "skill_gap": SKILL_GAP, "miracle": MIRACLE}
+SKILL_GAP_LONG = Regime(
+    task_kwargs={"min_steps": 4, "max_steps": 8, "skill_gap_op": "*", "skill_gap_rate": 0.8},
+    doc="""``skill_gap`` on chains of 4–8 operations: about two ``*`` lines per problem instead
+    of one, each right with probability ~0.2 at the start, so a whole trace is right only when
+    every ``*`` line is (0.2^k for k of them) and the outcome reward cannot say which of the
+    ``*`` lines was wrong. Added after ``skill_gap`` (2–4 operations) separated step_labels from
+    GRPO by only ~1.3x in rollouts: there most problems have at most one ``*``, so the outcome
+    already names the wrong line. Should show: step_labels reaching GRPO's final accuracy in
+    clearly fewer rollouts (the calibration of docs/testbed.md).""")
+
+REGIMES: dict[str, Regime] = {"long_chains": LONG_CHAINS, "skill_gap": SKILL_GAP, "miracle": MIRACLE,
+                              "skill_gap_long": SKILL_GAP_LONG}

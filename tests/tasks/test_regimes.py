@@ -297,7 +297,7 @@ def test_regime_config_methods_and_errors():
     cfg = regime_config("long_chains")
     cfg["task"]["kwargs"]["max_steps"] = 3  # a copy: the registry is untouched
     assert REGIMES["long_chains"].task_kwargs["max_steps"] == 16
-    with pytest.raises(ValueError, match="regime: expected one of long_chains, skill_gap, miracle, got 'easy'"):
+    with pytest.raises(ValueError, match="regime: expected one of long_chains, skill_gap, miracle, skill_gap_long, got 'easy'"):
         regime_config("easy")
     with pytest.raises(ValueError, match="method: expected one of grpo"):
         regime_config("miracle", "agent")
