@@ -2,7 +2,7 @@
 
 ``regime_config(regime, method)`` is the demo config of ``method`` (``finegrain.recipes``) with
 the regime's task kwargs and the run settings that must change with them. The shipped
-``configs/regimes/<regime>_<method>.yaml`` are its dumps for methods grpo and step_oracle.
+``configs/regimes/<regime>_<method>.yaml`` are its dumps for every method of ``METHODS``.
 
 >>> cfg = regime_config("long_chains", "step_oracle")
 >>> cfg["task"]["kwargs"]["max_steps"], cfg["rollout"]["max_new_tokens"], cfg["train"]["out_dir"]

@@ -279,7 +279,7 @@ def test_bad_regime_kwarg_messages():
 # ---- regime configs --------------------------------------------------------------------------
 
 @pytest.mark.parametrize("name", sorted(REGIMES))
-@pytest.mark.parametrize("method", ["grpo", "step_oracle"])
+@pytest.mark.parametrize("method", METHODS)
 def test_shipped_regime_yaml_matches_the_recipe(name, method):
     cfg = from_dict(RunConfig, regime_config(name, method))
     validate(cfg)
@@ -302,4 +302,4 @@ def test_regime_config_methods_and_errors():
     with pytest.raises(ValueError, match="method: expected one of grpo"):
         regime_config("miracle", "agent")
     assert sorted(CONFIGS.glob("*.yaml")) == sorted(CONFIGS / f"{r}_{m}.yaml" for r in REGIMES
-                                                    for m in ("grpo", "step_oracle"))
+                                                    for m in METHODS)
