@@ -33,9 +33,10 @@ SETTINGS = {
     "skill_gap": {"max_new_tokens": 48, "sft": {"n_examples": 30000, "flawed_fraction": 0.0}},
     # the demo's slips kept, so the miracle traces are the only difference from the demo corpus
     "miracle": {"max_new_tokens": 48, "sft": {"n_examples": 30000, "flawed_fraction": 0.3}},
-    # gold <= 69 characters, gap traces a little longer; 15,000 traces of ~2x the demo's length
-    # keep the demo's SFT token budget
-    "skill_gap_long": {"max_new_tokens": 96, "sft": {"n_examples": 15000, "flawed_fraction": 0.0}},
+    # gold <= 69 characters, gap traces a little longer. 30,000 traces of ~2x the demo's length:
+    # twice its SFT token budget, because with 15,000 (the demo's budget) the warm start solved
+    # only 2.6% of held-out problems (sampled), below the 5-30% this regime is meant to start at
+    "skill_gap_long": {"max_new_tokens": 96, "sft": {"n_examples": 30000, "flawed_fraction": 0.0}},
 }
 
 
@@ -55,4 +56,5 @@ def regime_config(regime: str, method: str = "grpo") -> dict:
     cfg["rollout"]["max_new_tokens"] = settings["max_new_tokens"]
     cfg["eval"]["max_new_tokens"] = settings["max_new_tokens"]
     cfg["train"]["out_dir"] = f"runs/regime-{regime}-{method}"
+    cfg["train"]["steps"] = 100  # a regime run is a study, not the 5-minute demo
     return cfg
