@@ -435,6 +435,7 @@ def validate(cfg: RunConfig) -> None:
     for i, r in enumerate(cfg.rewards):
         _choice(f"rewards[{i}].name", r.name, REWARDS.names())
         REWARDS.check_kwargs(r.name, r.kwargs, f"rewards[{i}].kwargs")
+    _check_train_verifier(cfg)
     names = [r.name for r in cfg.rewards]
     if len(set(names)) != len(names):
         raise ValueError(f"rewards: each signal may appear once, got {names}")
@@ -476,6 +477,23 @@ def validate(cfg: RunConfig) -> None:
     if B % (cfg.train.minibatches * cfg.train.grad_accum):
         raise ValueError(f"train.minibatches × train.grad_accum = {cfg.train.minibatches * cfg.train.grad_accum} "
                          f"must divide the batch of prompts_per_step × group_size = {B} rows")
+
+
+def _check_train_verifier(cfg: RunConfig) -> None:
+    """A task whose ``verify`` is for evaluation only (class attribute ``train_verifier = False``,
+    e.g. arith_words) trains on no reward that calls it (registry metadata ``needs="verify"``), at
+    any weight. The filters judge groups by one of the rewards (``_check_outcome``), so this
+    refuses a filter reading the verifier too."""
+    from finegrain.rewards import REWARDS
+    from finegrain.tasks import TASKS
+
+    if getattr(TASKS.get(cfg.task.name), "train_verifier", True):
+        return
+    for i, r in enumerate(cfg.rewards):
+        if REWARDS.meta(r.name).get("needs") == "verify":
+            raise ValueError(f"rewards[{i}].name: '{r.name}' scores with the rule verifier of task '{cfg.task.name}', "
+                             f"which is for evaluation only (train_verifier = False); train on a signal that needs "
+                             f"no verifier, e.g. rlpr")
 
 
 def _check_outcome(cfg: RunConfig) -> None:

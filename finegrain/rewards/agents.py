@@ -475,7 +475,7 @@ def checklist_satisfaction(items: Sequence[dict], passes: dict[str, list[int]]) 
     return {j: first(j) for j in by_id}
 
 
-@REWARDS.register("checklist", level="turn", vote="identity", center=0.0, search_value="sum")
+@REWARDS.register("checklist", level="turn", needs="verify", vote="identity", center=0.0, search_value="sum")
 class Checklist:
     """CM2 checklist rewards, checked by rules (level 'turn', or 'outcome' with ``level``).
 
@@ -597,7 +597,7 @@ def entity_rewards(accuracy: torch.Tensor, fraction: torch.Tensor, group_ids: to
     return torch.where(excluded, torch.zeros_like(R), R)
 
 
-@REWARDS.register("entity_match", level="outcome", bounds={"alpha": "[0, 1]"}, vote="identity", center=0.5,
+@REWARDS.register("entity_match", level="outcome", needs="verify", bounds={"alpha": "[0, 1]"}, vote="identity", center=0.5,
                   search_value="last")
 class EntityMatch:
     """E-GRPO's entity-aware outcome reward (level 'outcome').

@@ -241,7 +241,7 @@ class _LaserBase:
 _COMMON_BOUNDS = {"alpha": "[0, inf)"}
 
 
-@REWARDS.register("laser", level="outcome", bounds={**_COMMON_BOUNDS, "target_length": "[1, inf)"},
+@REWARDS.register("laser", level="outcome", needs="verify", bounds={**_COMMON_BOUNDS, "target_length": "[1, inf)"},
                   choices={"variant": VARIANTS})
 class Laser(_LaserBase):
     """LASER with a fixed target L_T (module docstring). Components: accuracy, length, target,
@@ -276,7 +276,7 @@ _D_BOUNDS = {**_COMMON_BOUNDS, "lower_bound": "[1, inf)", "interval": "[1, inf)"
              "monitor_every": "[1, inf)", "group_size": "[1, inf)", "expected_correct": "[1, inf)"}
 
 
-@REWARDS.register("laser_d", level="outcome", stateful=True, bounds=_D_BOUNDS, choices={"variant": VARIANTS})
+@REWARDS.register("laser_d", level="outcome", needs="verify", stateful=True, bounds=_D_BOUNDS, choices={"variant": VARIANTS})
 class LaserD(_LaserBase):
     """LASER-D: LASER with a target per difficulty band, chosen from the lengths of the last
     ``monitor_every`` batches (module docstring, departure 1).
@@ -379,7 +379,7 @@ class LaserD(_LaserBase):
         return self._output(acc, bonus, lengths, targets, **self._band_components(bands, used))
 
 
-@REWARDS.register("laser_de", level="outcome", stateful=True,
+@REWARDS.register("laser_de", level="outcome", needs="verify", stateful=True,
                   bounds={**_D_BOUNDS, "ngram": "[1, inf)", "ngram_repeats": "[2, inf)"})
 class LaserDE(LaserD):
     """LASER-DE: LASER-D (reward variant) plus +α for wrong, untruncated responses longer than

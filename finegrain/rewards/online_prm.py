@@ -46,7 +46,7 @@ from finegrain.guards import check_finite, clip_and_step
 # ``eval_needs="prm"`` makes the command load ``--prm`` as ``ctx.policy`` and ``--prm-ref`` as
 # ``ctx.initial_policy()``, and ``eval_kwargs`` score with it as it is (no update, no copy) at
 # temperature 1, the models' own distributions.
-@REWARDS.register("implicit_prm", level="token", levels=("token", "step"), trainable=True,
+@REWARDS.register("implicit_prm", level="token", needs="verify", levels=("token", "step"), trainable=True,
                   bounds={"micro_batch": "[1, inf)", "beta": "(0, inf)", "lr": "(0, inf)", "grad_clip": "[0, inf)",
                           "temperature": "(0, inf)"},
                   choices={"level": ("token", "step"), "granularity": ("token", "whole"), "norm": ("none", "batch_norm"),

@@ -181,7 +181,7 @@ def response_entropies(model, input_ids: torch.Tensor, attention_mask: torch.Ten
 # ----------------------------------------------------------------------------- the signal
 
 
-@REWARDS.register("pear", level="outcome",
+@REWARDS.register("pear", level="outcome", needs="verify",
                   bounds={"alpha": "(-inf, inf)", "temperature": "(0, inf)", "micro_batch": "[1, inf)"})
 class PhaseEntropyReward:
     """PEAR on a batch (module docstring). Components: accuracy, h_think, h_answer, penalty,

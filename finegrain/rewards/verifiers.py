@@ -7,7 +7,7 @@ import torch
 from finegrain.rewards.base import REWARDS, RewardOutput
 
 
-@REWARDS.register("verifier", level="outcome", vote="identity", center=0.5, search_value="last")
+@REWARDS.register("verifier", level="outcome", needs="verify", vote="identity", center=0.5, search_value="last")
 class TaskVerifier:
     """r_i = task.verify(example_i, response_i) ∈ [0, 1], one value per response (level 'outcome').
 

@@ -4,4 +4,4 @@ from finegrain.registry import Registry
 
 TASKS = Registry("task")
 
-from finegrain.tasks import arith, arith_calc, gsm8k, lookup  # noqa: E402,F401  (registers entries)
+from finegrain.tasks import arith, arith_calc, arith_words, gsm8k, lookup  # noqa: E402,F401  (registers entries)
