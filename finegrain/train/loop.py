@@ -116,6 +116,11 @@ def _train(cfg: RunConfig, out: Path, stop_after: int | None, log: Callable[[str
                 raise ValueError(f"{ck}: state.pt holds no state for reward '{n}' (saved by an older finegrain?); "
                                  "train.resume=false starts over")
             s.load_state_dict(resumed_state["reward_state"][n])
+        for k, f in run.stateful_filters.items():  # e.g. RLPR's std filter EMA
+            if k not in resumed_state.get("filter_state", {}):
+                raise ValueError(f"{ck}: state.pt holds no state for filter '{k}' (saved by an older finegrain?); "
+                                 "train.resume=false starts over")
+            f.load_state_dict(resumed_state["filter_state"][k])
         start = resumed_state["step"]
         log(f"resumed from {ck} at step {start}")
         keep_thread_count(resumed_state.get("threads"), cfg, log)
@@ -201,7 +206,8 @@ def _save(out: Path, step: int, run, before: dict) -> None:
     models = {"policy": (run.policy, run.tokenizer)}
     state = {"optimizer": run.optimizer.state_dict(), "scheduler": run.scheduler.state_dict(), "eval_before": before,
              "signals": {}, "config": to_dict(run.cfg), "threads": torch.get_num_threads(),
-             "reward_state": {n: s.state_dict() for n, s in run.stateful.items()}}
+             "reward_state": {n: s.state_dict() for n, s in run.stateful.items()},
+             "filter_state": {k: f.state_dict() for k, f in run.stateful_filters.items()}}
     for n, s in run.trainables.items():
         model, extra = s.state_dict_for_checkpoint()
         models[n] = (model, None)

@@ -65,6 +65,7 @@ class Run:
     outcome: str | None  # the signal filters read
     trainables: dict[str, Any]  # signals that train online (registry metadata ``trainable``)
     stateful: dict[str, Any]  # signals with state_dict()/load_state_dict() (registry metadata ``stateful``)
+    stateful_filters: dict[str, Any]  # "<index>:<name>" -> filter object with state_dict()/load_state_dict()
     optimizer: torch.optim.Optimizer
     scheduler: Any
     shuffle: torch.Generator = field(default_factory=torch.Generator)
@@ -128,16 +129,22 @@ def build_run(cfg: RunConfig, task, log: Callable[[str], None], *, policy: tuple
                      task=task, max_turns=cfg.rollout.max_turns or None, use_chat_template=cfg.model.use_chat_template)
     ctx = RewardContext(cfg, task, tok, policy, initial_policy)
     signals = {r.name: REWARDS.get(r.name).from_context(ctx, **r.kwargs) for r in cfg.rewards}
-    filters = []
-    for f in cfg.filters.filters:
+    filters, stateful_filters = [], {}
+    for i, f in enumerate(cfg.filters.filters):
         spec = from_dict(FilterSpec, f, "filters.filters") if isinstance(f, dict) else f
-        filters.append((spec.name, FILTERS.get(spec.name), spec.kwargs))
+        if FILTERS.meta(spec.name).get("stateful"):  # a class: one object per run, its state checkpointed
+            obj = FILTERS.get(spec.name)(**spec.kwargs)
+            filters.append((spec.name, obj, {}))
+            stateful_filters[f"{i}:{spec.name}"] = obj
+        else:
+            filters.append((spec.name, FILTERS.get(spec.name), spec.kwargs))
     optimizer = torch.optim.AdamW(policy.parameters(), lr=cfg.optim.lr, weight_decay=cfg.optim.weight_decay,
                                   betas=tuple(cfg.optim.betas))
     return Run(cfg=cfg, task=task, policy=policy, tokenizer=tok, init_info=init_info, engine=engine, ref=ref,
                signals=signals, weights={r.name: r.weight for r in cfg.rewards}, filters=filters,
                outcome=outcome_signal(cfg), trainables={n: s for n, s in signals.items() if REWARDS.meta(n).get("trainable")},
                stateful={n: s for n, s in signals.items() if REWARDS.meta(n).get("stateful")},
+               stateful_filters=stateful_filters,
                optimizer=optimizer, scheduler=make_schedule(optimizer, cfg))
 
 

@@ -187,3 +187,23 @@ def test_stateful_reward_resumes_its_state(tmp_path, sft_cache, reward, kwargs):
     full = [r[key] for r in read_log(tmp_path / "full" / "metrics.jsonl") if key in r]
     resumed = [r[key] for r in read_log(tmp_path / "cut" / "metrics.jsonl") if key in r]
     assert len(full) == 4 and full == resumed
+
+
+def test_stateful_filter_resumes_its_state(tmp_path, sft_cache):
+    # RLPR's std filter keeps an EMA across steps; it is saved in state.pt and restored, so a run
+    # killed after step 2 logs the same filter EMA afterwards as an uninterrupted one
+    def cfg(out):
+        std = [{"name": "std_ema", "kwargs": {"beta": 0.5, "ema_start_step": 1, "start_step": 2}}]
+        return make_cfg("grpo", out, sft_cache, **{"train.steps": 4, "filters.filters": std, "filters.max_refills": 0,
+                                                     "filters.outcome": "overlong"})  # varies, unlike the verifier
+
+    train(cfg(tmp_path / "full"), log=lambda s: None)
+    cut = cfg(tmp_path / "cut")
+    train(cut, stop_after=2, log=lambda s: None)
+    state = torch.load(tmp_path / "cut" / "checkpoints" / "step_000002" / "state.pt", weights_only=True)
+    assert state["filter_state"]["0:std_ema"]["rounds"] == 2
+    train(cut, log=lambda s: None)
+    key = "filter/std_ema/ema"
+    full = [r[key] for r in read_log(tmp_path / "full" / "metrics.jsonl") if key in r]
+    resumed = [r[key] for r in read_log(tmp_path / "cut" / "metrics.jsonl") if key in r]
+    assert len(full) == 4 and full == resumed and full[-1] > 0
