@@ -15,3 +15,4 @@ ADVANTAGES = Registry("advantage estimator")
 
 from finegrain.credit import outcome, prime  # noqa: E402,F401  (registers entries)
 from finegrain.credit import turns  # noqa: E402,F401  (registers entries)
+from finegrain.credit import prl, spae  # noqa: E402,F401  (registers entries)

@@ -51,6 +51,15 @@ Departures and limits:
 2. Only the positions that predict continuation tokens are projected to the vocabulary
    (``logits_to_keep``): a row puts them last, which the explicit mask allows.
 3. Under ``torch.no_grad``: probes are rewards, not trained through.
+
+Entropies (``return_entropy=True``, optional; SPAE's confidence): also the entropy of the whole
+next-token distribution at every position that predicts a continuation token,
+
+    H_{n,j} = −Σ_v π(v | x_n, c_{n,<j}) log π(v | x_n, c_{n,<j})
+
+read from the same logits (``finegrain.losses.entropy.entropy_from_logits``), so it costs a
+softmax over V per continuation token and no extra forward pass. The log-probs are the same
+numbers with or without it.
 """
 
 from __future__ import annotations
@@ -60,6 +69,7 @@ from typing import Sequence
 
 import torch
 
+from finegrain.losses.entropy import entropy_from_logits
 from finegrain.models.logprobs import logprobs_from_logits, response_logits
 
 PACKED_FAMILIES = ("llama", "mistral", "qwen2", "qwen3")   # tested in tests/models/test_probe.py
@@ -197,8 +207,8 @@ def packs(model, longest: int = 0) -> bool:
 
 
 def _packed_forward(model, rows: list[PackedRow], continuations: list[list[int]], *, pad_token_id: int,
-                    device, dtype) -> dict[int, torch.Tensor]:
-    """One forward over ``rows``: {probe index: (|c|,) float32 log-probs}."""
+                    device, dtype, entropy: bool = False) -> dict[int, tuple[torch.Tensor, torch.Tensor | None]]:
+    """One forward over ``rows``: {probe index: ((|c|,) float32 log-probs, (|c|,) entropies or None)}."""
     R, W = len(rows), max(len(row.tokens) for row in rows)
     ids = torch.full((R, W), pad_token_id, dtype=torch.long)
     pos = torch.zeros(R, W, dtype=torch.long)
@@ -236,11 +246,13 @@ def _packed_forward(model, rows: list[PackedRow], continuations: list[list[int]]
             where.append((n, len(pred)))
     r_idx, k_idx, tgt = (torch.tensor(x, device=logits.device) for x in (r_idx, k_idx, tgt))
     lp = logits[r_idx, k_idx, tgt] - torch.logsumexp(logits, dim=-1)[r_idx, k_idx]   # (Σ |c_n|,)
-    return {n: chunk for (n, _), chunk in zip(where, lp.split([k for _, k in where]))}
+    sizes = [k for _, k in where]
+    ent = entropy_from_logits(logits[r_idx, k_idx][None])[0].split(sizes) if entropy else [None] * len(where)
+    return {n: (chunk, h) for (n, _), chunk, h in zip(where, lp.split(sizes), ent)}
 
 
 def _naive_forward(model, seqs: list[list[int]], lengths: list[int], chunk: list[int], *, pad_token_id: int,
-                   device) -> dict[int, torch.Tensor]:
+                   device, entropy: bool = False) -> dict[int, tuple[torch.Tensor, torch.Tensor | None]]:
     """One forward over ``chunk``: each probe its own left-padded row (``response_logits``)."""
     width = max(len(seqs[n]) for n in chunk)
     A = max(lengths[n] for n in chunk)
@@ -250,16 +262,20 @@ def _naive_forward(model, seqs: list[list[int]], lengths: list[int], chunk: list
         ids[r, width - len(seqs[n]):] = torch.tensor(seqs[n], dtype=torch.long)
         mask[r, width - len(seqs[n]):] = True
     ids, mask = ids.to(device), mask.to(device)
-    lp = logprobs_from_logits(response_logits(model, ids, mask, A), ids[:, -A:])    # (n, A)
-    return {n: lp[r, A - lengths[n]:] for r, n in enumerate(chunk)}
+    logits = response_logits(model, ids, mask, A)                                  # (n, A, V)
+    lp = logprobs_from_logits(logits, ids[:, -A:])                                  # (n, A)
+    ent = entropy_from_logits(logits.float()) if entropy else None                  # (n, A)
+    return {n: (lp[r, A - lengths[n]:], ent[r, A - lengths[n]:] if entropy else None) for r, n in enumerate(chunk)}
 
 
 @torch.no_grad()
 def probe_logprobs(model, contexts: Sequence[Sequence[int]], continuations: Sequence[Sequence[int]], *,
-                   pad_token_id: int, micro_batch: int = 16, share_prefix: bool = True) -> list[torch.Tensor]:
+                   pad_token_id: int, micro_batch: int = 16, share_prefix: bool = True, return_entropy: bool = False
+                   ) -> list[torch.Tensor] | tuple[list[torch.Tensor], list[torch.Tensor]]:
     """Per-token teacher-forced log-probs of each continuation after its context.
 
     lp_{n,j} = log π(c_{n,j} | x_n, c_{n,<j})
+    H_{n,j}  = −Σ_v π(v | x_n, c_{n,<j}) log π(v | x_n, c_{n,<j})      (only with return_entropy)
 
     Args:
         model: causal LM called under no_grad (its train/eval mode is left as it is).
@@ -269,10 +285,12 @@ def probe_logprobs(model, contexts: Sequence[Sequence[int]], continuations: Sequ
         micro_batch: rows per forward pass (a packed row holds every probe that shares its prefix).
         share_prefix: pack probes that share a prefix into one row (module docstring); models that
             cannot take packed rows (``packs``) use the naive path whatever this says.
+        return_entropy: also return the entropies H_{n,j} (nats, softmax of the raw logits).
     Returns:
         N tensors, the n-th (|c_n|,) float32 on the model's device. Each row is left-padded with
         position ids from its mask (naive) or carries its own positions and mask (packed), so a
-        probe's values do not depend on what it is batched with.
+        probe's values do not depend on what it is batched with. With ``return_entropy`` a pair
+        (log-probs, entropies) of two such lists.
     """
     if micro_batch < 1:
         raise ValueError(f"probe_logprobs: micro_batch must be >= 1, got {micro_batch}")
@@ -286,15 +304,18 @@ def probe_logprobs(model, contexts: Sequence[Sequence[int]], continuations: Sequ
         rows = sorted(_pack(ctx, cont), key=lambda row: len(row.tokens), reverse=True)
         for start in range(0, len(rows), micro_batch):
             out.update(_packed_forward(model, rows[start:start + micro_batch], cont, pad_token_id=pad_token_id,
-                                       device=device, dtype=dtype))
+                                       device=device, dtype=dtype, entropy=return_entropy))
     else:
         scored.sort(key=lambda n: len(seqs[n]), reverse=True)       # little padding per micro-batch
         lengths = [len(a) for a in cont]
         for start in range(0, len(scored), micro_batch):
             out.update(_naive_forward(model, seqs, lengths, scored[start:start + micro_batch],
-                                      pad_token_id=pad_token_id, device=device))
-    empty = torch.zeros(0, device=device)
-    return [out.get(n, empty) for n in range(len(seqs))]
+                                      pad_token_id=pad_token_id, device=device, entropy=return_entropy))
+    empty = (torch.zeros(0, device=device), torch.zeros(0, device=device))
+    lps = [out.get(n, empty)[0] for n in range(len(seqs))]
+    if not return_entropy:
+        return lps
+    return lps, [out.get(n, empty)[1] for n in range(len(seqs))]
 
 
 def mean_logprob(token_logprobs: Sequence[torch.Tensor]) -> torch.Tensor:

@@ -10,3 +10,5 @@ from finegrain.rewards import agents  # noqa: E402,F401  (registers entries)
 from finegrain.rewards.functions import RewardFunction, register_reward_function  # noqa: E402,F401
 from finegrain.rewards import random  # noqa: E402,F401  (registers the random baseline)
 from finegrain.rewards import laser, pear  # noqa: E402,F401  (registers the length and entropy shaping rewards)
+from finegrain.rewards import rlpr, sar  # noqa: E402,F401  (registers the policy-probability rewards RLPR and SAR)
+from finegrain.rewards import r3, spae  # noqa: E402,F401  (registers the probe rewards of DRO and SPAE)

@@ -240,3 +240,57 @@ def test_worked_example_on_a_repeat_the_last_token_model():
     assert len(pack_probes([[1, 2], [1, 2, 3]], [[2, 2, 5], [3]])) == 1
     torch.testing.assert_close(got[0], torch.tensor([beta - z, beta - z, -z]), rtol=RTOL, atol=ATOL_LP)
     torch.testing.assert_close(got[1], torch.tensor([beta - z]), rtol=RTOL, atol=ATOL_LP)
+
+
+# ================================================================================ entropies (return_entropy)
+
+def plain_entropy(model, context, continuation) -> torch.Tensor:
+    """The reference: entropy of the full next-token distribution at each position predicting a
+    continuation token, from one unpadded forward."""
+    with torch.no_grad():
+        logp = torch.log_softmax(model(input_ids=torch.tensor([context + continuation])).logits[0].float(), -1)
+    rows = logp[len(context) - 1: len(context) - 1 + len(continuation)]
+    return -(rows.exp() * rows).sum(-1)
+
+
+@pytest.mark.parametrize("share_prefix", [True, False])
+def test_entropies_match_one_plain_forward_each_and_log_probs_do_not_change(share_prefix):
+    model = model_of("qwen2")
+    contexts, continuations = igpo_like(seed=5)
+    lps, ents = probe_logprobs(model, contexts, continuations, pad_token_id=TOK.pad_token_id, micro_batch=2,
+                               share_prefix=share_prefix, return_entropy=True)
+    alone = probe_logprobs(model, contexts, continuations, pad_token_id=TOK.pad_token_id, micro_batch=2,
+                           share_prefix=share_prefix)
+    assert isinstance(alone, list)                                   # the default return is unchanged
+    assert_all_close(lps, alone)
+    assert_all_close(ents, [plain_entropy(model, c, a) for c, a in zip(contexts, continuations)])
+
+
+def test_entropy_worked_example_on_the_repeat_the_last_token_model():
+    # the model of test_worked_example_on_a_repeat_the_last_token_model: after any token, the same
+    # token has p = e^β / (e^β + 7) and each of the 7 others 1 / (e^β + 7), whatever the context, so
+    # H = −p log p − 7 q log q at every position
+    cfg = LlamaConfig(vocab_size=8, hidden_size=8, intermediate_size=8, num_hidden_layers=1, num_attention_heads=2,
+                      num_key_value_heads=2, rms_norm_eps=0.0, tie_word_embeddings=True)
+    model = AutoModelForCausalLM.from_config(cfg).eval()
+    alpha = 0.5
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if "o_proj" in name or "down_proj" in name:
+                p.zero_()
+        model.model.embed_tokens.weight.copy_(alpha * torch.eye(8))
+    beta = alpha * math.sqrt(8)
+    p, q = math.exp(beta) / (math.exp(beta) + 7), 1 / (math.exp(beta) + 7)
+    H = -p * math.log(p) - 7 * q * math.log(q)
+    _, ents = probe_logprobs(model, [[1, 2], [1, 2, 3]], [[2, 2, 5], [3]], pad_token_id=0, return_entropy=True)
+    torch.testing.assert_close(ents[0], torch.full((3,), H), rtol=RTOL, atol=ATOL_LP)
+    torch.testing.assert_close(ents[1], torch.full((1,), H), rtol=RTOL, atol=ATOL_LP)
+
+
+def test_entropy_on_the_naive_path_and_of_an_empty_continuation():
+    # Stub: logits 2 on the current token, 0 elsewhere; Z = e² + V − 1, H = log Z − 2e²/Z
+    z = math.exp(2.0) + V - 1
+    lps, ents = probe_logprobs(Stub(), [[5, 6], [7]], [[6, 7], []], pad_token_id=0, return_entropy=True)
+    torch.testing.assert_close(ents[0], torch.full((2,), math.log(z) - 2 * math.exp(2.0) / z), rtol=RTOL, atol=ATOL_LP)
+    assert ents[1].shape == (0,) and lps[1].shape == (0,)
+    assert probe_logprobs(model_of("qwen2"), [], [], pad_token_id=0, return_entropy=True) == ([], [])
