@@ -37,7 +37,7 @@ import torch
 from finegrain.credit.prime import prime_batch_norm
 from finegrain.losses.prm import implicit_prm_ce_loss, implicit_prm_dpo_loss
 from finegrain.rewards.base import REWARDS, RewardOutput
-from finegrain.rewards.implicit_prm import ImplicitPRM
+from finegrain.rewards.implicit_prm import ImplicitPRM, implicit_step_rewards
 from finegrain.models.load import load_weights_into
 from finegrain.guards import check_finite, clip_and_step
 
@@ -130,6 +130,20 @@ class OnlineImplicitPRM(ImplicitPRM):
         if self.norm == "batch_norm" and out.level == "token":
             out.values = prime_batch_norm(out.values, out.mask)
         return out
+
+    @torch.no_grad()
+    def step_scores(self, traj) -> tuple[list[list[float]], float]:
+        """Step scores for the trainer's evaluation (no optimizer state, no kept graph):
+        r_{b,k} = β Σ_{t ∈ step k} (log π_φ − log π_ref)(y_t), the implicit PRM's step reward,
+        and the threshold 0 below which a step counts as judged wrong (the PRM then rates the
+        step below the reference). Returns B lists of S_b floats (the steps of row b that hold a
+        response token) and the threshold."""
+        if self.owns_model:
+            self.prm_model.eval()
+        token_r = self.beta * self.log_ratio(traj)                                     # (B, L)
+        S = int(traj.step_ids.max().clamp(min=-1)) + 1
+        values, step_mask = implicit_step_rewards(token_r, traj.response_mask, traj.step_ids, S)  # (B, S) each
+        return [v[m].tolist() for v, m in zip(values.cpu(), step_mask.cpu())], 0.0
 
     @property
     def update_when(self) -> str | None:

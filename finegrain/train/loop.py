@@ -131,6 +131,8 @@ def _train(cfg: RunConfig, out: Path, stop_after: int | None, log: Callable[[str
                        wandb=wandb_settings(cfg, out))
     ev = dict(samples=cfg.eval.samples, temperature=cfg.eval.temperature, max_new_tokens=cfg.eval.max_new_tokens,
               seed=cfg.eval.seed, greedy_too=cfg.eval.greedy_too)
+    # learned PRMs are judged against the task's exact step labels at every evaluation
+    ev["step_scorers"] = {n: sig.step_scores for n, sig in run.trainables.items() if hasattr(sig, "step_scores")}
     if resumed_state is not None:
         before = resumed_state["eval_before"]
     else:

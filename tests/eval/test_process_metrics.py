@@ -51,3 +51,24 @@ def test_precision_recall_is_order_free_and_checks_lengths():
     assert (r["precision"], r["recall"]) == (1.0, 0.5)
     with pytest.raises(ValueError, match="2 predicted episodes but 1 gold"):
         tool_call_precision_recall([[a], []], [[a]])
+
+
+def test_prm_first_wrong_step_accuracy_against_exact_labels():
+    from finegrain.tasks.arith import ArithTask
+
+    task = ArithTask(min_steps=2, max_steps=2)
+    ex = task.examples("test", 1)[0]
+    gold = ex.solution                                             # 3 steps, all correct: first error None
+    a, b = gold.split("\n")[0].split("=")
+    slip = "\n".join([f"{a}={int(b) + 1}"] + gold.split("\n")[1:])  # step 0 wrong
+    texts = [gold, slip, slip]
+    traj = SimpleNamespace(examples=[ex] * 3, response_texts=texts, turn_info=[])
+    firsts = [task.label_steps(ex, t).first_error for t in texts]
+    assert firsts == [None, 0, 0]
+    # the scorer: row 0 all fine (None: right), row 1 flags step 0 (right), row 2 flags step 1 (wrong)
+    scorer = lambda traj: ([[0.3, 0.1, 0.2], [-0.4, 0.2, 0.1], [0.2, -0.1, 0.3]], 0.0)  # noqa: E731
+    m = process_metrics(task, traj, [True, False, False], {"implicit_prm": scorer})
+    assert m["prm_first_wrong_step_accuracy"] == pytest.approx(2 / 3)
+    two = process_metrics(task, traj, [True, False, False], {"a": scorer, "b": lambda t: ([[1.0]] * 3, 0.0)})
+    assert two["prm_first_wrong_step_accuracy/a"] == pytest.approx(2 / 3)
+    assert two["prm_first_wrong_step_accuracy/b"] == pytest.approx(1 / 3)   # predicts no error: right on row 0

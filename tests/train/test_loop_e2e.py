@@ -207,3 +207,18 @@ def test_stateful_filter_resumes_its_state(tmp_path, sft_cache):
     full = [r[key] for r in read_log(tmp_path / "full" / "metrics.jsonl") if key in r]
     resumed = [r[key] for r in read_log(tmp_path / "cut" / "metrics.jsonl") if key in r]
     assert len(full) == 4 and full == resumed and full[-1] > 0
+
+
+def test_prime_evals_log_the_prm_first_wrong_step_accuracy(tmp_path, sft_cache):
+    # the online implicit PRM is judged against arith's exact step labels at every evaluation; at
+    # step 0 it equals its reference (log-ratio 0 everywhere), so it predicts "no error" for every
+    # response and scores exactly the fraction of error-free eval samples
+    cfg = make_cfg("prime", tmp_path / "p", sft_cache, **{"train.steps": 2, "train.eval_every": 1})
+    report = train(cfg, log=lambda s: None)
+    evals = [r for r in read_log(tmp_path / "p" / "metrics.jsonl") if "eval/accuracy" in r]
+    assert [r["step"] for r in evals] == [0, 1, 2]
+    assert all(0.0 <= r["eval/prm_first_wrong_step_accuracy"] <= 1.0 for r in evals)
+    assert report["eval"]["prm_first_wrong_step_accuracy_after"] == evals[-1]["eval/prm_first_wrong_step_accuracy"]
+    grpo = make_cfg("grpo", tmp_path / "g", sft_cache, **{"train.steps": 1})
+    train(grpo, log=lambda s: None)
+    assert not any("eval/prm_first_wrong_step_accuracy" in r for r in read_log(tmp_path / "g" / "metrics.jsonl"))
