@@ -115,6 +115,32 @@ class AdvantageConfig:
     per_source: dict = _f({}, "Per reward source: {source: {name, coef, kwargs}}; advantages are summed over sources "
                               "(PRIME). Every reward source needs an entry.")
     whiten: bool = _f(False, "Whiten the final advantages over the batch's trained tokens.")
+    preference_direction: Any = _f(None, "DPA (arXiv:2402.18571): true = the objective weights are a user preference "
+                                         "direction v, and the run is refused unless ||v||_2 = 1 (within 1e-3). The "
+                                         "weights are advantage.per_source.<source>.coef when per_source is set (each "
+                                         "source normalised on its own, as in normalize-then-sum), else "
+                                         "rewards[i].weight (one estimator on their weighted sum); kl_penalty is not an "
+                                         "objective. null or false: no check (null is the default, so run "
+                                         "directories saved before this key existed resume unchanged).")
+
+
+@dataclass
+class CriticConfig:
+    enabled: bool = _f(False, "Train a critic (value model) for PPO with GAE. Required by, and only allowed with, an "
+                              "advantage estimator that reads values (registry metadata needs_values, e.g. gae).")
+    init: str = _f("policy", "policy: a copy of the policy's backbone with a zero-initialised scalar head; tiny: a "
+                             "separate tiny random model of size critic.size (finegrain/models/value.py).")
+    size: str = _f("tiny", "Preset of the tiny critic when init is tiny: micro | tiny | small.")
+    lr: float = _f(1e-4, "Critic learning rate (its own AdamW, constant, no weight decay).", range="(0, inf)")
+    grad_clip: float = _f(1.0, "Clip the critic's gradient norm to this (0 = off).", range="[0, inf)")
+    value_clip: float = _f(0.2, "ε of the clipped value loss ½·max((V−R)², (clip(V, V_old±ε)−R)²) (0 = unclipped).",
+                           range="[0, inf)")
+    vf_coef: float = _f(1.0, "Weight of the value loss. The critic has its own optimizer, so this only scales its "
+                             "gradient (it matters through critic.grad_clip and Adam's ε).", range="(0, inf)")
+    gamma: float = _f(1.0, "γ of the critic's targets R = A^GAE(γ, λ) + V_old; set equal to advantage.kwargs.gamma "
+                           "for standard PPO.", range="[0, 1]")
+    lam: float = _f(0.95, "λ of the critic's targets; equal to advantage.kwargs.lam for standard PPO, 1.0 for "
+                          "VAPO-style decoupled GAE (Monte-Carlo value targets).", range="[0, 1]")
 
 
 @dataclass
@@ -202,6 +228,7 @@ class RunConfig:
     rewards: list = field(default_factory=lambda: [RewardSpec()], metadata={
         "help": "Reward signals: a list of {name, weight, kwargs}.", "item": RewardSpec})
     advantage: AdvantageConfig = field(default_factory=AdvantageConfig)
+    critic: CriticConfig = field(default_factory=CriticConfig)
     filters: FilterConfig = field(default_factory=FilterConfig)
     loss: LossConfig = field(default_factory=LossConfig)
     optim: OptimConfig = field(default_factory=OptimConfig)
@@ -353,6 +380,21 @@ def load_config(path: str | Path | None = None, overrides: list[str] | None = No
     return cfg
 
 
+def with_defaults(saved: dict) -> dict:
+    """A saved config (a dict read from a run's config.yaml or state.pt) with every field it lacks
+    set to today's default, as loading it would set it: a field added to finegrain after the run
+    was saved then compares equal to its default instead of looking changed. A dict that no
+    longer loads (e.g. a key that was removed) is returned as it is, so the caller reports it.
+
+    >>> with_defaults({"train": {"steps": 7}})["train"]["steps"], "critic" in with_defaults({})
+    (7, True)
+    """
+    try:
+        return to_dict(from_dict(RunConfig, saved))
+    except (ValueError, TypeError):
+        return saved
+
+
 def dump_config(cfg: RunConfig, path: str | Path) -> None:
     Path(path).write_text(yaml.safe_dump(to_dict(cfg), sort_keys=False))
 
@@ -456,6 +498,7 @@ def validate(cfg: RunConfig) -> None:
     else:
         _choice("advantage.name", cfg.advantage.name, ADVANTAGES.names())
         ADVANTAGES.check_kwargs(cfg.advantage.name, cfg.advantage.kwargs, "advantage.kwargs")
+    _check_preference_direction(cfg)
     for i, f in enumerate(cfg.filters.filters):
         spec = from_dict(FilterSpec, f, f"filters.filters[{i}]") if isinstance(f, dict) else f
         _choice(f"filters.filters[{i}].name", spec.name, FILTERS.names())
@@ -464,6 +507,7 @@ def validate(cfg: RunConfig) -> None:
         if spec.name == "accuracy_band" and lo is not None and hi is not None and lo > hi:
             raise ValueError(f"filters.filters[{i}].kwargs: low ({lo}) must be ≤ high ({hi})")
     check_levels(cfg)
+    _check_critic(cfg)
     _check_outcome(cfg)
     _choice("loss.name", cfg.loss.name, POLICY_LOSSES.names())
     POLICY_LOSSES.check_kwargs(cfg.loss.name, cfg.loss.kwargs, "loss.kwargs")
@@ -494,6 +538,53 @@ def _check_train_verifier(cfg: RunConfig) -> None:
             raise ValueError(f"rewards[{i}].name: '{r.name}' scores with the rule verifier of task '{cfg.task.name}', "
                              f"which is for evaluation only (train_verifier = False); train on a signal that needs "
                              f"no verifier, e.g. rlpr")
+
+
+def needs_values(cfg: RunConfig) -> bool:
+    """The advantage estimator reads a critic's values (registry metadata ``needs_values``)."""
+    from finegrain.credit import ADVANTAGES
+
+    return not cfg.advantage.per_source and bool(ADVANTAGES.meta(cfg.advantage.name).get("needs_values"))
+
+
+def _check_critic(cfg: RunConfig) -> None:
+    """A critic is trained exactly when the estimator reads values, and only on the summed rewards:
+    the critic predicts the return of the total token reward, so a per-source estimator cannot use it."""
+    from finegrain.credit import ADVANTAGES
+    from finegrain.models.tiny import TINY_PRESETS
+
+    _choice("critic.init", cfg.critic.init, ["policy", "tiny"])
+    _choice("critic.size", cfg.critic.size, sorted(TINY_PRESETS))
+    for src, spec in cfg.advantage.per_source.items():
+        name = from_dict(SourceCredit, spec, f"advantage.per_source.{src}").name
+        if ADVANTAGES.meta(name).get("needs_values"):
+            raise ValueError(f"advantage.per_source.{src}.name: '{name}' reads the critic's values of the total token "
+                             f"reward; use it as advantage.name, without per_source")
+    if needs_values(cfg) and not cfg.critic.enabled:
+        raise ValueError(f"advantage.name: '{cfg.advantage.name}' reads a critic's values; set critic.enabled=true")
+    if cfg.critic.enabled and not needs_values(cfg):
+        used = "advantage.per_source" if cfg.advantage.per_source else f"advantage.name '{cfg.advantage.name}'"
+        raise ValueError(f"critic.enabled: no advantage estimator reads the critic's values ({used}); use gae, or "
+                         f"set critic.enabled=false")
+
+
+def _check_preference_direction(cfg: RunConfig) -> None:
+    """``advantage.preference_direction: true``: the objective weights must be a unit vector (DPA)."""
+    from finegrain.credit.multi import check_direction
+
+    flag = cfg.advantage.preference_direction
+    if flag is None or flag is False:
+        return
+    if flag is not True:
+        raise ValueError(f"advantage.preference_direction: expected true, false or null, got {flag!r}")
+    if cfg.advantage.per_source:
+        weights = {src: from_dict(SourceCredit, spec).coef for src, spec in cfg.advantage.per_source.items()
+                   if src != "kl_penalty"}
+        where = "advantage.preference_direction (the advantage.per_source coefs)"
+    else:
+        weights = {r.name: r.weight for r in cfg.rewards}
+        where = "advantage.preference_direction (the rewards' weights)"
+    check_direction(list(weights.values()), names=list(weights), where=where)
 
 
 def _check_outcome(cfg: RunConfig) -> None:

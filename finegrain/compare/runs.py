@@ -45,7 +45,8 @@ from typing import Callable
 
 import yaml
 
-from finegrain.config import RunConfig, apply_overrides, from_dict, load_config, load_yaml, to_dict, validate
+from finegrain.config import (RunConfig, apply_overrides, from_dict, load_config, load_yaml, to_dict, validate,
+                              with_defaults)
 from finegrain.recipes import DEMO_METHODS
 from finegrain.train.rundir import flatten  # dotted keys of a nested config, as resume compares them
 
@@ -224,7 +225,7 @@ def check_existing(runs: list[Run], force: bool) -> list[Run]:
         saved_path = r.run_dir / "config.yaml"
         if not saved_path.is_file():
             continue
-        saved = load_yaml(saved_path.read_text()) or {}
+        saved = with_defaults(load_yaml(saved_path.read_text()) or {})  # fields added since: their defaults
         diff = first_difference(saved, r.config, skip=RERUN_IGNORED)
         if diff is None:
             continue

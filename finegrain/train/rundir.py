@@ -20,7 +20,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 
-from finegrain.config import RunConfig, load_yaml, to_dict
+from finegrain.config import RunConfig, load_yaml, to_dict, with_defaults
 from finegrain.train.checkpoint import find_checkpoint
 
 # keys that do not change what is trained; train.steps joins them when the LR schedule is constant
@@ -86,7 +86,7 @@ def prepare(cfg: RunConfig, out: Path, log) -> Resume:
     saved = state.get("config")
     if saved is None and (out / "config.yaml").is_file():  # checkpoints written before configs were saved in them
         saved = load_yaml((out / "config.yaml").read_text())
-    changes = config_diff(saved, to_dict(cfg), cfg) if isinstance(saved, dict) else {}
+    changes = config_diff(with_defaults(saved), to_dict(cfg), cfg) if isinstance(saved, dict) else {}
     if changes and mode != "force":
         raise ValueError(f"train.resume: {out} was trained with another config ({_fmt(changes)}); "
                          f"use train.resume=force to continue with the new one (recorded), or another train.out_dir")

@@ -177,6 +177,15 @@ def test_force_returns_the_runs_whose_saved_config_changed(tmp_path):
     saved["train"]["resume"], saved["train"]["out_dir"] = False, "/elsewhere"  # keys a rerun may change
     (run.run_dir / "config.yaml").write_text(yaml.safe_dump(saved))
     assert R.check_existing([run], force=False) == []
+    # a run saved before a config field existed: the field takes its default, so it is no change
+    old = json.loads(json.dumps(saved))
+    del old["loss"]["entropy_coef"]
+    (run.run_dir / "config.yaml").write_text(yaml.safe_dump(old))
+    assert R.check_existing([run], force=False) == []
+    old["loss"]["entropy_coef"] = 0.5
+    (run.run_dir / "config.yaml").write_text(yaml.safe_dump(old))
+    with pytest.raises(ValueError, match=r"'loss\.entropy_coef': 0\.5 there, 0\.0 now"):
+        R.check_existing([run], force=False)
     saved["optim"]["lr"] = 1.0
     (run.run_dir / "config.yaml").write_text(yaml.safe_dump(saved))
     with pytest.raises(ValueError, match=r"'optim\.lr': 1\.0 there, 0\.0001 now"):
