@@ -116,7 +116,7 @@ class AdvantageConfig:
                               "(PRIME). Every reward source needs an entry.")
     whiten: bool = _f(False, "Whiten the final advantages over the batch's trained tokens.")
     preference_direction: Any = _f(None, "DPA (arXiv:2402.18571): true = the objective weights are a user preference "
-                                         "direction v, and the run is refused unless ||v||_2 = 1 (within 1e-3). The "
+                                         "direction v, and the run is refused unless ||v||_2 = 1 (within 1e-2). The "
                                          "weights are advantage.per_source.<source>.coef when per_source is set (each "
                                          "source normalised on its own, as in normalize-then-sum), else "
                                          "rewards[i].weight (one estimator on their weighted sum); kl_penalty is not an "
@@ -127,7 +127,8 @@ class AdvantageConfig:
 @dataclass
 class CriticConfig:
     enabled: bool = _f(False, "Train a critic (value model) for PPO with GAE. Required by, and only allowed with, an "
-                              "advantage estimator that reads values (registry metadata needs_values, e.g. gae).")
+                              "advantage estimator that reads values (registry metadata needs_values, e.g. gae). It trains "
+                              "with the policy's train.ppo_epochs, train.minibatches, train.grad_accum and loss.aggregation.")
     init: str = _f("policy", "policy: a copy of the policy's backbone with a zero-initialised scalar head; tiny: a "
                              "separate tiny random model of size critic.size (finegrain/models/value.py).")
     size: str = _f("tiny", "Preset of the tiny critic when init is tiny: micro | tiny | small.")
@@ -140,7 +141,7 @@ class CriticConfig:
     gamma: float = _f(1.0, "γ of the critic's targets R = A^GAE(γ, λ) + V_old; set equal to advantage.kwargs.gamma "
                            "for standard PPO.", range="[0, 1]")
     lam: float = _f(0.95, "λ of the critic's targets; equal to advantage.kwargs.lam for standard PPO, 1.0 for "
-                          "VAPO-style decoupled GAE (Monte-Carlo value targets).", range="[0, 1]")
+                          "VAPO's Decoupled-GAE (arXiv:2504.05118; Monte-Carlo value targets).", range="[0, 1]")
 
 
 @dataclass

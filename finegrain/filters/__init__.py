@@ -11,3 +11,4 @@ from finegrain.registry import Registry
 FILTERS = Registry("filter")
 
 from finegrain.filters import groups, length, std_ema  # noqa: E402,F401  (registers entries)
+from finegrain.filters import prof  # noqa: E402,F401  (registers PROF; needs_signals=True)

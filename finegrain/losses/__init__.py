@@ -13,3 +13,4 @@ AGGREGATIONS = Registry("loss aggregation")
 KL_ESTIMATORS = Registry("KL estimator")
 
 from finegrain.losses import aggregate, kl, policy  # noqa: E402,F401  (registers entries)
+from finegrain.losses import value  # noqa: E402,F401  (the critic's clipped value loss)

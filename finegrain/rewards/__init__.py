@@ -12,3 +12,4 @@ from finegrain.rewards import random  # noqa: E402,F401  (registers the random b
 from finegrain.rewards import laser, pear  # noqa: E402,F401  (registers the length and entropy shaping rewards)
 from finegrain.rewards import rlpr, sar  # noqa: E402,F401  (registers the policy-probability rewards RLPR and SAR)
 from finegrain.rewards import r3, spae  # noqa: E402,F401  (registers the probe rewards of DRO and SPAE)
+from finegrain.rewards import p2s  # noqa: E402,F401  (registers the P2S path-faithfulness reward)

@@ -1,7 +1,7 @@
 """``train(cfg)``: the RL loop, top to bottom.
 
-    rollout → filter → (reward models: before) → score → credit → update → (reward models: after)
-    → log → eval → save
+    rollout → filter → (reward models: before) → score → credit → update (policy, then the critic
+    if the estimator reads values) → (reward models: after) → log → eval → save
 
 Each stage is a function of ``finegrain.train.stages`` calling one registry (samplers and
 environments, filters, rewards, estimators, losses); this file holds only their order and the
@@ -30,7 +30,7 @@ from finegrain.lock import RunLock
 from finegrain.train.logging import RunLogger, prefixed, read_log, require_wandb, wandb_settings
 from finegrain.progress import Progress
 from finegrain.train.stages import (build_run, collect_batch, compute_advantages, rollout_metrics, score_batch, task_for,
-                                    update_policy, update_reward_models)
+                                    update_critic, update_policy, update_reward_models)
 
 
 def apply_optim_config(optimizer, scheduler, cfg: RunConfig) -> None:
@@ -111,6 +111,10 @@ def _train(cfg: RunConfig, out: Path, stop_after: int | None, log: Callable[[str
             apply_optim_config(run.optimizer, run.scheduler, cfg)
         for n, s in run.trainables.items():
             s.load_checkpoint(ck / n, resumed_state["signals"][n])
+        if run.critic is not None:  # PPO with GAE: the value model and its optimizer
+            if "critic" not in resumed_state:
+                raise ValueError(f"{ck}: state.pt holds no critic (saved without one?); train.resume=false starts over")
+            run.critic.load_checkpoint(ck / "critic", resumed_state["critic"])
         for n, s in run.stateful.items():  # e.g. LASER-D's length window, the random reward's generator
             if n not in resumed_state.get("reward_state", {}):
                 raise ValueError(f"{ck}: state.pt holds no state for reward '{n}' (saved by an older finegrain?); "
@@ -158,15 +162,17 @@ def _train(cfg: RunConfig, out: Path, stop_after: int | None, log: Callable[[str
                 scored = score_batch(run, traj, pre_scored, step)
                 t_score = time.time()
                 # ---- credit
-                advantages = compute_advantages(cfg, scored.per_source, traj)
+                advantages = compute_advantages(cfg, scored.per_source, traj, values=scored.values)
                 check_finite(f"step {step + 1}: advantages", advantages, traj.loss_mask)
-                # ---- update: the policy, then online reward models that learn after it
+                # ---- update: the policy, the critic (if any), then online reward models that learn after it
                 umetrics = update_policy(run, traj, advantages, scored, step)
+                cmetrics = update_critic(run, traj, scored, step)
                 rm_metrics |= update_reward_models(run, traj, "after")
                 run.scheduler.step()
                 t_upd = time.time()
                 # ---- log
-                row = {**prefixed("loss", umetrics), **prefixed("filter", fmetrics), **rm_metrics}
+                row = {**prefixed("loss", umetrics), **prefixed("critic", cmetrics), **prefixed("filter", fmetrics),
+                       **rm_metrics}
                 for n, o in scored.outputs.items():
                     row[f"reward/{n}/mean"] = float(o.values[o.mask].float().mean()) if o.mask.any() else 0.0
                     row.update(prefixed(f"reward/{n}", o.components))
@@ -214,4 +220,7 @@ def _save(out: Path, step: int, run, before: dict) -> None:
         model, extra = s.state_dict_for_checkpoint()
         models[n] = (model, None)
         state["signals"][n] = extra
+    if run.critic is not None:
+        model, state["critic"] = run.critic.state_dict_for_checkpoint()
+        models["critic"] = (model, None)
     save_checkpoint(out, step, models, state)

@@ -72,7 +72,8 @@ def prepare(cfg: RunConfig, out: Path, log) -> Resume:
             raise ValueError(f"train.resume=false: {out} already holds a run (checkpoints/ or metrics.jsonl); "
                              f"resume it (train.resume=true), or choose another train.out_dir")
         return Resume()
-    found = find_checkpoint(out, ("policy",), quarantine=True)
+    models = ("policy", "critic") if cfg.critic.enabled else ("policy",)  # a damaged critic/ falls back too
+    found = find_checkpoint(out, models, quarantine=True)
     for line in found.problems:
         log(f"resume: {line}")
     if found.path is None:

@@ -2,11 +2,13 @@
 benchmark can call one by one:
 
     build_run ─► collect_batch ─► update_reward_models("before") ─► score_batch ─► compute_advantages
-              ─► update_policy ─► update_reward_models("after")
+              ─► update_policy ─► update_critic ─► update_reward_models("after")
 
 Each stage reads the registries through the ``Run`` that ``build_run`` assembles; none knows a
 registry entry by its name. The outcome the filters judge groups by is the signal named by
-``filters.outcome`` (default: the first outcome-level signal in ``rewards``).
+``filters.outcome`` (default: the first outcome-level signal in ``rewards``). A critic exists
+when the advantage estimator declares ``needs_values`` (PPO with GAE): ``score_batch`` computes its
+values V_old, ``compute_advantages`` hands them to the estimator, ``update_critic`` trains it.
 """
 
 from __future__ import annotations
@@ -14,18 +16,21 @@ from __future__ import annotations
 import copy
 import math
 import random
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any, Callable
 
 import torch
 
-from finegrain.config import FilterSpec, RunConfig, SourceCredit, from_dict
+from finegrain.config import FilterSpec, RunConfig, SourceCredit, from_dict, needs_values
 from finegrain.credit import ADVANTAGES
 from finegrain.credit.combine import combine_source_advantages
+from finegrain.credit.gae import gae_advantages_returns
 from finegrain.envs import Rollout
 from finegrain.filters import FILTERS
 from finegrain.losses import KL_ESTIMATORS
 from finegrain.models.load import load_pretrained
+from finegrain.models.value import Critic
 from finegrain.train.sft import warm_started_tiny
 from finegrain.rewards import REWARDS
 from finegrain.rewards.base import RewardOutput, cat_outputs, level_of, select_output
@@ -33,7 +38,7 @@ from finegrain.rewards.combine import combine, total
 from finegrain.sampling import SAMPLERS, SamplingParams, sample_seed
 from finegrain.tasks import TASKS
 from finegrain.guards import check_finite
-from finegrain.train.update import batch_logprobs, policy_update
+from finegrain.train.update import batch_logprobs, batch_values, critic_update, policy_update
 from finegrain.trajectory import Trajectory, concat
 
 
@@ -46,6 +51,30 @@ class RewardContext:
     tokenizer: Any
     policy: Any
     initial_policy: Callable[[], Any]  # a frozen copy of the starting policy, made on first request
+
+
+class RoundSignals(Mapping):
+    """{reward name: RewardOutput} on one rollout round, for the filters registered with
+    ``needs_signals=True``. A signal is scored when a filter first reads it (the outcome comes
+    already scored), so a run pays only for the signals its filters name; ``score_batch`` scores
+    them again on the kept rows."""
+
+    def __init__(self, signals: dict, traj: Trajectory, scored: dict[str, RewardOutput]):
+        self._signals, self._traj, self._out = signals, traj, dict(scored)
+
+    def __getitem__(self, name: str) -> RewardOutput:
+        if name not in self._out:
+            self._out[name] = self._signals[name](self._traj)
+        return self._out[name]
+
+    def __contains__(self, name) -> bool:  # without scoring anything
+        return name in self._signals or name in self._out
+
+    def __iter__(self):
+        return iter(self._signals)
+
+    def __len__(self) -> int:
+        return len(self._signals)
 
 
 @dataclass
@@ -69,6 +98,7 @@ class Run:
     optimizer: torch.optim.Optimizer
     scheduler: Any
     shuffle: torch.Generator = field(default_factory=torch.Generator)
+    critic: Critic | None = None  # the value model and its optimizer, when the estimator reads values
 
 
 @dataclass
@@ -77,6 +107,7 @@ class Scored:
     per_source: dict[str, torch.Tensor]  # name -> (B, L) weighted token rewards
     old_logprobs: torch.Tensor | None  # (B, L), only when the batch is used for several optimizer steps
     ref_logprobs: torch.Tensor | None  # (B, L), only with a KL term
+    values: torch.Tensor | None = None  # (B, L) the critic's V_old, only with a critic
 
 
 def build_policy(cfg: RunConfig, task, log):
@@ -140,12 +171,14 @@ def build_run(cfg: RunConfig, task, log: Callable[[str], None], *, policy: tuple
             filters.append((spec.name, FILTERS.get(spec.name), spec.kwargs))
     optimizer = torch.optim.AdamW(policy.parameters(), lr=cfg.optim.lr, weight_decay=cfg.optim.weight_decay,
                                   betas=tuple(cfg.optim.betas))
+    critic = (Critic.build(cfg.critic.init, policy, tok, lr=cfg.critic.lr, size=cfg.critic.size,
+                           family=cfg.model.family, seed=cfg.train.seed) if needs_values(cfg) else None)
     return Run(cfg=cfg, task=task, policy=policy, tokenizer=tok, init_info=init_info, engine=engine, ref=ref,
                signals=signals, weights={r.name: r.weight for r in cfg.rewards}, filters=filters,
                outcome=outcome_signal(cfg), trainables={n: s for n, s in signals.items() if REWARDS.meta(n).get("trainable")},
                stateful={n: s for n, s in signals.items() if REWARDS.meta(n).get("stateful")},
                stateful_filters=stateful_filters,
-               optimizer=optimizer, scheduler=make_schedule(optimizer, cfg))
+               optimizer=optimizer, scheduler=make_schedule(optimizer, cfg), critic=critic)
 
 
 def pick_prompts(pool: list, n: int, seed: int, step: int, stream: int) -> list:
@@ -162,7 +195,8 @@ def collect_batch(cfg: RunConfig, engine, pool: list, signals: dict, filters: li
     its rows is kept, and only kept rows enter the batch. Returns (traj or None when nothing
     passed, pre-scored {outcome signal: RewardOutput} for the kept rows, metrics). The outcome
     signal (``outcome``, default ``outcome_signal(cfg)``) is scored here, once per round, and handed
-    back so it is not scored again.
+    back so it is not scored again. A filter registered with ``needs_signals=True`` is also given
+    ``signals=RoundSignals(...)``, the run's other signals on the round, scored when it reads them.
     """
     outcome = outcome if outcome is not None else outcome_signal(cfg)
     G, want = cfg.rollout.group_size, cfg.rollout.prompts_per_step
@@ -179,7 +213,10 @@ def collect_batch(cfg: RunConfig, engine, pool: list, signals: dict, filters: li
             n_seen, n_right = n_seen + traj.batch_size, n_right + float(scored.components.get("accuracy", scored.values).sum())
         keep = torch.ones(traj.batch_size, dtype=torch.bool)
         for name, fn, kw in filters:
-            k, loss_mask, m = fn(traj, scored.values, **kw)
+            # a filter registered with needs_signals=True (e.g. PROF) may read any reward signal on this round
+            needs = FILTERS.meta(name).get("needs_signals")
+            extra = {"signals": RoundSignals(signals, traj, {outcome: scored})} if needs else {}
+            k, loss_mask, m = fn(traj, scored.values, **kw, **extra)
             keep &= k.cpu()
             traj = traj.replace(loss_mask=loss_mask)
             for key, v in m.items():
@@ -221,7 +258,8 @@ def update_reward_models(run: Run, traj: Trajectory, when: str) -> dict[str, flo
 
 def score_batch(run: Run, traj: Trajectory, pre_scored: dict[str, RewardOutput], step: int) -> Scored:
     """Every signal on the batch, placed on tokens and weighted; the log-probs the update needs;
-    the KL penalty as a token reward in ``kl_mode=reward``. Refuses non-finite rewards."""
+    the KL penalty as a token reward in ``kl_mode=reward``; the critic's values V_old when there is
+    a critic. Refuses non-finite rewards and values."""
     cfg = run.cfg
     old_logprobs = None
     if cfg.train.ppo_epochs > 1 or cfg.train.minibatches > 1:
@@ -237,7 +275,11 @@ def score_batch(run: Run, traj: Trajectory, pre_scored: dict[str, RewardOutput],
             per_source["kl_penalty"] = -cfg.loss.kl_coef * torch.where(traj.loss_mask, kl, torch.zeros_like(kl))
     for src, r in per_source.items():
         check_finite(f"step {step + 1}: token rewards of '{src}'", r, traj.response_mask)
-    return Scored(outputs, per_source, old_logprobs, ref_logprobs)
+    values = None
+    if run.critic is not None:
+        values = batch_values(run.critic.model, traj, cfg.rollout.max_batch)   # (B, L)
+        check_finite(f"step {step + 1}: critic values", values, traj.loss_mask)
+    return Scored(outputs, per_source, old_logprobs, ref_logprobs, values)
 
 
 def segments_for(name: str, traj: Trajectory) -> torch.Tensor:
@@ -246,12 +288,22 @@ def segments_for(name: str, traj: Trajectory) -> torch.Tensor:
     return traj.turns if ADVANTAGES.meta(name).get("segments") == "turn" else traj.step_ids
 
 
-def compute_advantages(cfg: RunConfig, per_source: dict[str, torch.Tensor], traj: Trajectory) -> torch.Tensor:
-    """One estimator on the summed token rewards, or one per source, summed with coefficients."""
+def compute_advantages(cfg: RunConfig, per_source: dict[str, torch.Tensor], traj: Trajectory, *,
+                       values: torch.Tensor | None = None) -> torch.Tensor:
+    """One estimator on the summed token rewards, or one per source, summed with coefficients.
+
+    An estimator registered with ``needs_values`` (only allowed without per_source) also gets
+    ``values``, the critic's V_old (B, L) from ``score_batch``."""
     if not cfg.advantage.per_source:
         est = ADVANTAGES.get(cfg.advantage.name)
+        inputs = {}
+        if ADVANTAGES.meta(cfg.advantage.name).get("needs_values"):
+            if values is None:
+                raise ValueError(f"advantage '{cfg.advantage.name}' reads a critic's values, and none were given "
+                                 "(critic.enabled)")
+            inputs["values"] = values
         adv = est(total(per_source), traj.loss_mask, traj.group_ids, segments_for(cfg.advantage.name, traj),
-                  **cfg.advantage.kwargs)
+                  **inputs, **cfg.advantage.kwargs)
         return combine_source_advantages({"all": adv}, {"all": 1.0}, traj.loss_mask, whiten=cfg.advantage.whiten)
     advs, coefs = {}, {}
     for src, r in per_source.items():
@@ -271,6 +323,24 @@ def update_policy(run: Run, traj: Trajectory, advantages: torch.Tensor, scored: 
                          minibatches=cfg.train.minibatches, grad_accum=cfg.train.grad_accum,
                          temperature=cfg.rollout.temperature, grad_clip=cfg.optim.grad_clip,
                          max_new_tokens=cfg.rollout.max_new_tokens, generator=run.shuffle)
+
+
+def update_critic(run: Run, traj: Trajectory, scored: Scored, step: int) -> dict:
+    """Train the critic towards the λ-returns of the summed token rewards (``critic.gamma``,
+    ``critic.lam``), with the policy's epochs, minibatches and aggregation; its own shuffle from
+    (seed, step). Plain keys (the loop logs them under ``critic/``); {} without a critic."""
+    if run.critic is None:
+        return {}
+    cfg, c = run.cfg, run.cfg.critic
+    _, returns = gae_advantages_returns(total(scored.per_source), traj.loss_mask, scored.values,
+                                        gamma=c.gamma, lam=c.lam)                  # (B, L)
+    run.shuffle.manual_seed(sample_seed(cfg.train.seed, step, 98))
+    return critic_update(run.critic.model, run.critic.optimizer, traj, returns, scored.values,
+                         aggregation=cfg.loss.aggregation,
+                         aggregation_constant=cfg.loss.aggregation_constant or cfg.rollout.max_new_tokens,
+                         value_clip=c.value_clip or None, vf_coef=c.vf_coef, ppo_epochs=cfg.train.ppo_epochs,
+                         minibatches=cfg.train.minibatches, grad_accum=cfg.train.grad_accum, grad_clip=c.grad_clip,
+                         generator=run.shuffle)
 
 
 def rollout_metrics(traj: Trajectory) -> dict[str, float]:

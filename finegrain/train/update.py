@@ -1,4 +1,5 @@
-"""One policy update on a rollout batch: PPO epochs × minibatches × gradient-accumulation micro-batches."""
+"""One policy update on a rollout batch: PPO epochs × minibatches × gradient-accumulation micro-batches;
+and the critic's update on the same batch with the same schedule."""
 
 from __future__ import annotations
 
@@ -6,6 +7,7 @@ import torch
 
 from finegrain.losses import AGGREGATIONS, KL_ESTIMATORS, POLICY_LOSSES
 from finegrain.losses.entropy import entropy_from_logits
+from finegrain.losses.value import clipped_value_loss
 from finegrain.masked import masked_mean
 from finegrain.models.logprobs import logprobs_from_logits, response_logits
 from finegrain.guards import check_finite, clip_and_step
@@ -77,5 +79,54 @@ def policy_update(policy, optimizer, traj: Trajectory, advantages: torch.Tensor,
                     sums[k] = sums.get(k, 0.0) + float(v)
                 count += 1
             gnorm = clip_and_step(policy.parameters(), optimizer, grad_clip, "policy update")
+            sums["grad_norm"] = sums.get("grad_norm", 0.0) + gnorm * grad_accum
+    return {k: v / count for k, v in sums.items()}
+
+
+@torch.no_grad()
+def batch_values(model, traj: Trajectory, micro_batch: int) -> torch.Tensor:
+    """The critic's V_t of every response token, (B, L) float32, computed in micro-batches."""
+    L = traj.response_ids.shape[1]
+    return torch.cat([model(traj.input_ids[s:s + micro_batch], traj.attention_mask[s:s + micro_batch], L)
+                      for s in range(0, traj.batch_size, micro_batch)])
+
+
+def critic_update(model, optimizer, traj: Trajectory, returns: torch.Tensor, old_values: torch.Tensor, *,
+                  aggregation: str, aggregation_constant: float | None, value_clip: float | None, vf_coef: float,
+                  ppo_epochs: int, minibatches: int, grad_accum: int, grad_clip: float,
+                  generator: torch.Generator) -> dict:
+    """Update the critic ``model`` in place towards ``returns``; mean metrics over micro-batches (plain keys).
+
+    The policy's schedule (PPO epochs × minibatches × micro-batches) and aggregation mode, with the
+    same accumulation shares as ``policy_update``; each micro-batch's loss is
+    vf_coef · aggregate(½·max((V − R)², (clip(V, V_old ± ε) − R)²)) · share.
+    ``loss`` is reported without vf_coef.
+    """
+    agg_fn = AGGREGATIONS.get(aggregation)
+    agg_kw = {"constant": aggregation_constant} if aggregation == "seq-mean-token-sum-norm" else {}
+    B, L = traj.response_ids.shape
+    sums: dict[str, float] = {}
+    count = 0
+    model.train()
+    for _ in range(ppo_epochs):
+        perm = torch.randperm(B, generator=generator)
+        for mb in perm.chunk(minibatches):
+            mb_weight = _weight(traj.loss_mask[mb], aggregation).clamp(min=1)
+            optimizer.zero_grad(set_to_none=True)
+            for micro in mb.chunk(grad_accum):
+                mask = traj.loss_mask[micro]  # (b, L)
+                values = model(traj.input_ids[micro], traj.attention_mask[micro], L)  # (b, L)
+                per_token, metrics = clipped_value_loss(values, old_values[micro], returns[micro], mask,
+                                                        value_clip=value_clip)
+                share = _weight(mask, aggregation) / mb_weight
+                value_loss = agg_fn(per_token, mask, **agg_kw)
+                loss = vf_coef * value_loss * share
+                check_finite("critic loss", loss)
+                loss.backward()
+                metrics["loss"] = value_loss.detach()
+                for k, v in metrics.items():
+                    sums[k] = sums.get(k, 0.0) + float(v)
+                count += 1
+            gnorm = clip_and_step(model.parameters(), optimizer, grad_clip, "critic update")
             sums["grad_norm"] = sums.get("grad_norm", 0.0) + gnorm * grad_accum
     return {k: v / count for k, v in sums.items()}

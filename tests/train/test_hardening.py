@@ -140,9 +140,9 @@ def test_non_finite_advantages_stop_the_run_with_the_last_checkpoint_intact(tmp_
     real = loop.compute_advantages
     calls = []
 
-    def poisoned(cfg, per_source, traj):
+    def poisoned(cfg, per_source, traj, **kw):
         calls.append(1)
-        adv = real(cfg, per_source, traj)
+        adv = real(cfg, per_source, traj, **kw)
         return adv * float("nan") if len(calls) == 3 else adv
 
     monkeypatch.setattr(loop, "compute_advantages", poisoned)
