@@ -56,5 +56,5 @@ def regime_config(regime: str, method: str = "grpo") -> dict:
     cfg["rollout"]["max_new_tokens"] = settings["max_new_tokens"]
     cfg["eval"]["max_new_tokens"] = settings["max_new_tokens"]
     cfg["train"]["out_dir"] = f"runs/regime-{regime}-{method}"
-    cfg["train"]["steps"] = 100  # a regime run is a study, not the 5-minute demo
+    cfg["train"].update(steps=100, eval_every=25, save_every=25)  # a regime run is a study, not the 5-minute demo
     return cfg
