@@ -13,3 +13,5 @@ from finegrain.rewards import laser, pear  # noqa: E402,F401  (registers the len
 from finegrain.rewards import rlpr, sar  # noqa: E402,F401  (registers the policy-probability rewards RLPR and SAR)
 from finegrain.rewards import r3, spae  # noqa: E402,F401  (registers the probe rewards of DRO and SPAE)
 from finegrain.rewards import p2s  # noqa: E402,F401  (registers the P2S path-faithfulness reward)
+from finegrain.rewards import disc_prm  # noqa: E402,F401  (registers the discriminative step-classifier PRM)
+from finegrain.rewards import judge  # noqa: E402,F401  (registers the rubric / checklist judge)

@@ -2,3 +2,4 @@
 
 from finegrain.sampling.base import SAMPLERS, Completions, Sampler, SamplingParams, sample_seed  # noqa: F401
 from finegrain.sampling import hf  # noqa: E402,F401  (registers entries)
+from finegrain.sampling import openai  # noqa: E402,F401  (registers the OpenAI-compatible client sampler)
