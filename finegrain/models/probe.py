@@ -94,6 +94,32 @@ def probe_token_ids(tokenizer, prefix: str, answer: str) -> tuple[list[int], lis
     return ids[:first], ids[first:]
 
 
+def answer_probes(traj, tokenizer, prefix: str, cuts: dict[int, list[tuple[int, int]]]
+                  ) -> tuple[list[list[int]], list[list[int]], list[tuple[int, int]]]:
+    """Probe inputs for "the reference answer after the first n response tokens" of several rows.
+
+    For each row b of ``cuts`` and each (column, n) in ``cuts[b]``: context = the row's prompt
+    (without padding) + response[:n] + ``prefix``; continuation = ``Example.answer``'s tokens
+    (split from the prefix by ``probe_token_ids``, one tokenization per distinct answer).
+    Returns (contexts, continuations, where) for ``probe_logprobs``; ``where[i]`` = (b, column).
+    IGPO (turn boundaries) and SPAE (step ends) differ only in their ``cuts``.
+    """
+    split: dict[str, tuple[list[int], list[int]]] = {}
+    contexts, answers, where = [], [], []
+    for b, row_cuts in cuts.items():
+        answer = str(traj.examples[b].answer)
+        if answer not in split:
+            split[answer] = probe_token_ids(tokenizer, prefix, answer)
+        prefix_ids, answer_ids = split[answer]
+        prompt = traj.prompt_ids[b][traj.prompt_mask[b]].tolist()
+        response = traj.response_ids[b].tolist()
+        for col, n in row_cuts:
+            contexts.append(prompt + response[:n] + prefix_ids)
+            answers.append(answer_ids)
+            where.append((b, col))
+    return contexts, answers, where
+
+
 @dataclasses.dataclass
 class PackedRow:
     """One packed row: a prefix tree of probe sequences, its nodes in insertion order.

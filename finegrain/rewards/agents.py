@@ -36,7 +36,7 @@ from typing import Sequence
 import torch
 
 from finegrain.masked import group_index
-from finegrain.models.probe import mean_logprob, probe_logprobs, probe_token_ids
+from finegrain.models.probe import answer_probes, mean_logprob, probe_logprobs
 from finegrain.rewards.base import REWARDS, RewardOutput
 
 
@@ -201,21 +201,9 @@ class InfoGain:
         """lp (B, T): mean answer log-prob at each turn boundary; NaN where not probed."""
         K = _num_turns(traj)
         T = max(max(K, default=1), 1)
-        cache: dict[str, tuple[list[int], list[int]]] = {}
-        contexts, answers, where = [], [], []
-        for b in range(traj.batch_size):
-            if K[b] < 2:
-                continue
-            answer = str(traj.examples[b].answer)
-            if answer not in cache:
-                cache[answer] = probe_token_ids(self.tokenizer, self.prefix, answer)
-            prefix_ids, answer_ids = cache[answer]
-            prompt = traj.prompt_ids[b][traj.prompt_mask[b]].tolist()
-            response = traj.response_ids[b].tolist()
-            for k, n in enumerate(probe_prefix_lengths(traj.turns[b], K[b])):
-                contexts.append(prompt + response[:n] + prefix_ids)
-                answers.append(answer_ids)
-                where.append((b, k))
+        cuts = {b: list(enumerate(probe_prefix_lengths(traj.turns[b], K[b])))
+                for b in range(traj.batch_size) if K[b] >= 2}
+        contexts, answers, where = answer_probes(traj, self.tokenizer, self.prefix, cuts)
         lp = torch.full((traj.batch_size, T), float("nan"))
         if contexts:
             vals = mean_answer_logprobs(self.policy, contexts, answers, pad_token_id=self.tokenizer.pad_token_id,

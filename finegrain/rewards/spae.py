@@ -56,7 +56,7 @@ from typing import Sequence
 
 import torch
 
-from finegrain.models.probe import probe_logprobs, probe_token_ids
+from finegrain.models.probe import answer_probes, probe_logprobs
 from finegrain.rewards.base import REWARDS, RewardOutput
 
 BASELINES = ("prompt", "zero")
@@ -133,22 +133,10 @@ class SPAEPotential:
         B = traj.batch_size
         K = traj.num_steps.tolist()
         S = max(max(K, default=0), 1)
-        cache: dict[str, tuple[list[int], list[int]]] = {}
-        contexts, answers, where = [], [], []
-        for b in range(B):
-            if K[b] < 2:
-                continue
-            answer = str(traj.examples[b].answer)
-            if answer not in cache:
-                cache[answer] = probe_token_ids(self.tokenizer, self.prefix, answer)
-            prefix_ids, answer_ids = cache[answer]
-            prompt = traj.prompt_ids[b][traj.prompt_mask[b]].tolist()
-            response = traj.response_ids[b].tolist()
-            cuts = step_end_lengths(traj.step_ids[b].cpu(), K[b] - 1)              # after steps 0..K−2
-            for col, n in ([(0, 0)] if self.baseline == "prompt" else []) + [(k + 1, n) for k, n in enumerate(cuts)]:
-                contexts.append(prompt + response[:n] + prefix_ids)
-                answers.append(answer_ids)
-                where.append((b, col))
+        first = [(0, 0)] if self.baseline == "prompt" else []                      # the probe after the prompt
+        cuts = {b: first + [(k + 1, n) for k, n in enumerate(step_end_lengths(traj.step_ids[b].cpu(), K[b] - 1))]
+                for b in range(B) if K[b] >= 2}                                     # after steps 0..K−2
+        contexts, answers, where = answer_probes(traj, self.tokenizer, self.prefix, cuts)
         acc = torch.full((B, S + 1), float("nan"))
         conf = torch.full((B, S + 1), float("nan"))
         if contexts:

@@ -14,10 +14,11 @@ import torch
 from finegrain.models.tiny import tiny_causal_lm
 from finegrain.models.tokenizer import char_tokenizer
 from finegrain.rewards import REWARDS
+from finegrain.models.probe import probe_token_ids
 from finegrain.rewards.agents import (Checklist, EntityMatch, EnvTurns, InfoGain, ToolCallMatch, call_similarity,
                                       checklist_satisfaction, entity_fraction, entity_rewards, greedy_assignment,
                                       info_gain_from_logprobs, match_call_rewards, mean_answer_logprobs,
-                                      optimal_assignment, probe_prefix_lengths, probe_token_ids, sinkhorn_plan)
+                                      optimal_assignment, probe_prefix_lengths, sinkhorn_plan)
 from finegrain.rewards.combine import to_token_rewards
 from finegrain.tasks.base import Example
 from finegrain.trajectory import Trajectory
