@@ -173,6 +173,12 @@ class LossConfig:
     kl_mode: str = _f("loss", "'loss': add kl_coef·KL to the per-token loss; 'reward': subtract it from the token "
                               "rewards (needs a token-level estimator).")
     entropy_coef: float = _f(0.0, "Entropy bonus weight (subtracted from the loss).", range="[0, inf)")
+    rollout_correction: str = _f("none", "Correct for the sampler's log-probs differing from the trainer's (vLLM): "
+                                         "none | tis (weight each token's loss by min(π_old/π_rollout, cap)) | mask "
+                                         "(weight by the ratio, 0 outside [rollout_is_low, cap]). The mismatch is "
+                                         "logged either way (docs/algorithms/rollout_correction.md).")
+    rollout_is_cap: float = _f(2.0, "Upper cap C of the rollout importance weight.", range="(0, inf)")
+    rollout_is_low: float = _f(0.5, "Lower bound of the ratio in rollout_correction=mask.", range="[0, inf)")
 
 
 @dataclass
@@ -515,6 +521,10 @@ def validate(cfg: RunConfig) -> None:
     _choice("loss.aggregation", cfg.loss.aggregation, AGGREGATIONS.names())
     _choice("loss.kl_estimator", cfg.loss.kl_estimator, KL_ESTIMATORS.names())
     _choice("loss.kl_mode", cfg.loss.kl_mode, ["loss", "reward"])
+    _choice("loss.rollout_correction", cfg.loss.rollout_correction, ["none", "tis", "mask"])
+    if cfg.loss.rollout_is_low > cfg.loss.rollout_is_cap:
+        raise ValueError(f"loss.rollout_is_low: {cfg.loss.rollout_is_low} exceeds loss.rollout_is_cap "
+                         f"({cfg.loss.rollout_is_cap}); expected low <= cap")
     _choice("optim.schedule", cfg.optim.schedule, ["constant", "linear", "cosine"])
     _choice("train.wandb_mode", cfg.train.wandb_mode, ["online", "offline", "disabled"])
     _check_groups(cfg)

@@ -128,6 +128,8 @@ def _train(cfg: RunConfig, out: Path, stop_after: int | None, log: Callable[[str
         start = resumed_state["step"]
         log(f"resumed from {ck} at step {start}")
         keep_thread_count(resumed_state.get("threads"), cfg, log)
+    if ck is not None:
+        run.engine.sampler.sync_weights()  # the engine started from the initial weights
     pool = fitting_prompts(run.engine, pool, cfg.rollout.max_new_tokens, "training", log)
     eval_set = fitting_prompts(run.engine, eval_set, cfg.eval.max_new_tokens, "held-out", log)
     dump_config(cfg, out / "config.yaml")  # only now: the run has validated, loaded and resumed
@@ -170,6 +172,8 @@ def _train(cfg: RunConfig, out: Path, stop_after: int | None, log: Callable[[str
                 rm_metrics |= update_reward_models(run, traj, "after")
                 run.scheduler.step()
                 t_upd = time.time()
+                run.engine.sampler.sync_weights()  # an engine with its own copy (vLLM) takes the new weights
+                t_sync = time.time()
                 # ---- log
                 row = {**prefixed("loss", umetrics), **prefixed("critic", cmetrics), **prefixed("filter", fmetrics),
                        **rm_metrics}
@@ -181,7 +185,7 @@ def _train(cfg: RunConfig, out: Path, stop_after: int | None, log: Callable[[str
                        "rollout/truncated_frac": traj.truncated.float().mean(), "rollout/rows": traj.batch_size,
                        **rollout_metrics(traj),
                        "optim/lr": run.scheduler.get_last_lr()[0], "time/generate": t_gen - t0, "time/score": t_score - t_gen,
-                       "time/update": t_upd - t_score, "time/step": t_upd - t0}
+                       "time/update": t_upd - t_score, "time/sync": t_sync - t_upd, "time/step": t_sync - t0}
             if (cfg.train.eval_every and (step + 1) % cfg.train.eval_every == 0 and step + 1 < cfg.train.steps):
                 m, _ = evaluate(run.engine, task, eval_set, **ev)
                 row.update(prefixed("eval", m))

@@ -7,6 +7,7 @@ import torch
 
 from finegrain.losses import AGGREGATIONS, KL_ESTIMATORS, POLICY_LOSSES
 from finegrain.losses.entropy import entropy_from_logits
+from finegrain.losses.rollout_correction import rollout_is_weights
 from finegrain.losses.value import clipped_value_loss
 from finegrain.masked import masked_mean
 from finegrain.models.logprobs import logprobs_from_logits, response_logits
@@ -41,6 +42,9 @@ def policy_update(policy, optimizer, traj: Trajectory, advantages: torch.Tensor,
     the detached current log-probs serve (no extra forward pass). Gradient accumulation: each
     micro-batch's aggregated loss is scaled by its share of the minibatch (tokens for token-mean,
     rows for the seq-* modes), so the accumulated gradient equals the minibatch's.
+    The sampler's ``traj.behavior_logprobs`` are compared with π_old on every micro-batch
+    (``mismatch_*`` metrics); ``loss_cfg.rollout_correction`` tis / mask multiplies the policy-gradient
+    term by the truncated importance weight (``finegrain.losses.rollout_correction``).
     """
     loss_fn = POLICY_LOSSES.get(loss_cfg.name)
     agg_fn = AGGREGATIONS.get(loss_cfg.aggregation)
@@ -62,6 +66,13 @@ def policy_update(policy, optimizer, traj: Trajectory, advantages: torch.Tensor,
                 logprobs = logprobs_from_logits(logits, traj.response_ids[micro], temperature)  # (b, L)
                 old = logprobs.detach() if old_logprobs is None else old_logprobs[micro]
                 per_token, metrics = loss_fn(logprobs, old, advantages[micro], mask, **loss_cfg.kwargs)
+                # sampler vs trainer: the mismatch is always measured; TIS / mask reweight the PG term only
+                w, is_metrics = rollout_is_weights(old, traj.behavior_logprobs[micro], mask,
+                                                   mode=loss_cfg.rollout_correction, cap=loss_cfg.rollout_is_cap,
+                                                   low=loss_cfg.rollout_is_low)
+                if loss_cfg.rollout_correction != "none":
+                    per_token = per_token * w.to(per_token.dtype)
+                metrics |= is_metrics
                 if use_kl_loss:
                     kl = kl_fn(logprobs, ref_logprobs[micro])  # (b, L)
                     per_token = per_token + loss_cfg.kl_coef * kl
