@@ -8,6 +8,7 @@ import torch
 from finegrain.losses import AGGREGATIONS, KL_ESTIMATORS, POLICY_LOSSES
 from finegrain.losses.entropy import entropy_from_logits
 from finegrain.losses.rollout_correction import rollout_is_weights
+from finegrain.train.distributed import SINGLE, DataParallel
 from finegrain.losses.value import clipped_value_loss
 from finegrain.masked import masked_mean
 from finegrain.models.logprobs import logprobs_from_logits, response_logits
@@ -35,7 +36,8 @@ def _weight(mask: torch.Tensor, mode: str) -> torch.Tensor:
 
 def policy_update(policy, optimizer, traj: Trajectory, advantages: torch.Tensor, *, old_logprobs: torch.Tensor | None,
                   ref_logprobs: torch.Tensor | None, loss_cfg, ppo_epochs: int, minibatches: int, grad_accum: int,
-                  temperature: float, grad_clip: float, max_new_tokens: int, generator: torch.Generator) -> dict:
+                  temperature: float, grad_clip: float, max_new_tokens: int, generator: torch.Generator,
+                  dp: DataParallel = SINGLE) -> dict:
     """Update ``policy`` in place; returns mean metrics over all micro-batches (plain keys).
 
     old_logprobs None means the batch is used for exactly one optimizer step, so π_old = π_θ and
@@ -45,6 +47,10 @@ def policy_update(policy, optimizer, traj: Trajectory, advantages: torch.Tensor,
     The sampler's ``traj.behavior_logprobs`` are compared with π_old on every micro-batch
     (``mismatch_*`` metrics); ``loss_cfg.rollout_correction`` tis / mask multiplies the policy-gradient
     term by the truncated importance weight (``finegrain.losses.rollout_correction``).
+    Data parallel (``dp``, ``finegrain/train/distributed.py``): ``traj`` is this rank's shard; the
+    minibatch weight is summed over ranks and so are the gradients before the step, which makes
+    the step equal to one process's on the global batch (with ``minibatches`` 1: the minibatch
+    draws are per shard).
     """
     loss_fn = POLICY_LOSSES.get(loss_cfg.name)
     agg_fn = AGGREGATIONS.get(loss_cfg.aggregation)
@@ -57,10 +63,12 @@ def policy_update(policy, optimizer, traj: Trajectory, advantages: torch.Tensor,
     policy.train()
     for _ in range(ppo_epochs):
         perm = torch.randperm(B, generator=generator)
-        for mb in perm.chunk(minibatches):
-            mb_weight = _weight(traj.loss_mask[mb], loss_cfg.aggregation).clamp(min=1)
+        for mb in dp.split(perm, minibatches):
+            mb_weight = dp.all_sum(_weight(traj.loss_mask[mb], loss_cfg.aggregation)).clamp(min=1)
             optimizer.zero_grad(set_to_none=True)
             for micro in mb.chunk(grad_accum):
+                if micro.numel() == 0:  # an empty shard (data parallel) still joins the gradient sum
+                    continue
                 mask = traj.loss_mask[micro]  # (b, L)
                 logits = response_logits(policy, traj.input_ids[micro], traj.attention_mask[micro], L)  # (b, L, V)
                 logprobs = logprobs_from_logits(logits, traj.response_ids[micro], temperature)  # (b, L)
@@ -89,9 +97,10 @@ def policy_update(policy, optimizer, traj: Trajectory, advantages: torch.Tensor,
                 for k, v in metrics.items():
                     sums[k] = sums.get(k, 0.0) + float(v)
                 count += 1
+            dp.sum_grads(policy.parameters())
             gnorm = clip_and_step(policy.parameters(), optimizer, grad_clip, "policy update")
             sums["grad_norm"] = sums.get("grad_norm", 0.0) + gnorm * grad_accum
-    return {k: v / count for k, v in sums.items()}
+    return {k: v / max(count, 1) for k, v in sums.items()}
 
 
 @torch.no_grad()
