@@ -32,6 +32,8 @@ def _print_report(report: dict, out: Path, task: str) -> None:
     from rich.console import Console
     from rich.table import Table
 
+    if "eval" not in report:  # a data-parallel rank other than 0 (rank 0 reports), or a stopped run
+        return
     ev = report["eval"]
     t = Table(title=f"held-out {task}: {ev['n_problems']} problems × {ev.get('samples_per_problem_after', '?')}")
     t.add_column("metric")

@@ -24,7 +24,7 @@ from dataclasses import dataclass
 import torch
 
 
-@dataclass
+@dataclass(frozen=True)
 class DataParallel:
     rank: int = 0
     world: int = 1
@@ -79,4 +79,54 @@ class DataParallel:
         return perm.chunk(n) if not self.enabled else torch.tensor_split(perm, n)
 
 
+    def barrier(self) -> None:
+        if self.enabled:
+            import torch.distributed as dist
+
+            dist.barrier()
+
+    def shard(self, items: list) -> list:
+        """This rank's share of a list: items rank, rank + world, ..."""
+        return items[self.rank::self.world] if self.enabled else items
+
+    # keys that are counts over the global batch (summed); every other metric is averaged over ranks
+    SUMMED = ("rollout/rows", "filter/generated_prompts", "filter/kept_prompts")
+
+    def reduce_metrics(self, row: dict) -> dict:
+        """One metrics row for the global batch: counts summed, other scalars averaged over the
+        ranks that logged them. The rows are gathered with ``all_gather_object`` (pickled between
+        this run's own processes; nothing is read from a file)."""
+        if not self.enabled:
+            return row
+        import torch.distributed as dist
+
+        plain = {k: float(v) for k, v in row.items()}
+        rows: list = [None] * self.world
+        dist.all_gather_object(rows, plain)
+        out: dict = {}
+        for k in sorted({k for r in rows for k in r}):
+            vals = [r[k] for r in rows if k in r]
+            out[k] = sum(vals) if k in self.SUMMED else sum(vals) / len(vals)
+        return out
+
+
 SINGLE = DataParallel()
+
+
+def check_data_parallel(cfg, dp: DataParallel) -> None:
+    """Refuse, before any work, what data parallel does not support yet (one line each)."""
+    if cfg.rollout.prompts_per_step % dp.world:
+        raise ValueError(f"rollout.prompts_per_step: {cfg.rollout.prompts_per_step} does not split over {dp.world} "
+                         f"processes; expected a multiple of {dp.world}")
+    if cfg.filters.filters:
+        raise ValueError("filters.filters: data parallel does not run filters yet (a rank whose groups are all "
+                         "filtered out would skip the gradient sum); use filters.filters=[] or one process")
+    if cfg.critic.enabled:
+        raise ValueError("critic.enabled: data parallel does not train a critic yet; use one process")
+    from finegrain.rewards import REWARDS
+
+    for r in cfg.rewards:
+        meta = REWARDS.meta(r.name)
+        if meta.get("trainable") or meta.get("stateful"):
+            raise ValueError(f"rewards: '{r.name}' learns or keeps state across batches, which data parallel would "
+                             "split per rank; use one process")

@@ -25,6 +25,7 @@ from finegrain.masked import masked_mean
 from finegrain.train import rundir
 from finegrain.models.load import load_weights_into
 from finegrain.train.checkpoint import save_checkpoint
+from finegrain.train.distributed import SINGLE, DataParallel, check_data_parallel
 from finegrain.guards import check_finite
 from finegrain.lock import RunLock
 from finegrain.train.logging import RunLogger, prefixed, read_log, require_wandb, wandb_settings
@@ -79,14 +80,24 @@ def train(cfg: RunConfig, *, stop_after: int | None = None, log: Callable[[str],
     locked for the whole call; how an existing run there is continued is ``train/rundir.py``.
     """
     validate(cfg)
+    dp = DataParallel.from_env()
+    if dp.enabled:
+        check_data_parallel(cfg, dp)
+        if not dp.is_main:  # rank 0 locks, writes logs and checkpoints; the others only compute
+            dp.barrier()    # ... after rank 0 has prepared the run directory (set aside, quarantined)
+            return _train(cfg, Path(cfg.train.out_dir), stop_after, lambda s: None, dp)
     with RunLock(cfg.train.out_dir):
-        return _train(cfg, Path(cfg.train.out_dir), stop_after, log)
+        return _train(cfg, Path(cfg.train.out_dir), stop_after, log, dp)
 
 
-def _train(cfg: RunConfig, out: Path, stop_after: int | None, log: Callable[[str], None]) -> dict:
+def _train(cfg: RunConfig, out: Path, stop_after: int | None, log: Callable[[str], None],
+           dp: DataParallel = SINGLE) -> dict:
     t_start = time.time()
     require_wandb(cfg)
-    resume = rundir.prepare(cfg, out, log)  # refusals happen here, before any model is loaded
+    resume = rundir.prepare(cfg, out, log, record=dp.is_main)  # refusals happen here, before any model is loaded
+    if dp.enabled and dp.is_main:
+        log(f"data parallel: {dp.world} processes, {cfg.rollout.prompts_per_step // dp.world} prompts each per step")
+        dp.barrier()
     if resume.finished is not None:
         return resume.finished
 
@@ -100,7 +111,7 @@ def _train(cfg: RunConfig, out: Path, stop_after: int | None, log: Callable[[str
         raise ValueError(f"rollout.prompts_per_step: {cfg.rollout.prompts_per_step} exceeds the {len(pool)} training "
                          f"problems of task '{cfg.task.name}'")
     eval_set = task.examples("test", cfg.eval.n_problems)
-    run = build_run(cfg, task, log)
+    run = build_run(cfg, task, log, dp=dp)  # rank 0 first: a tiny model's SFT warm start is cached once
 
     start, ck, resumed_state = 0, resume.checkpoint, resume.state
     if ck is not None:
@@ -132,6 +143,12 @@ def _train(cfg: RunConfig, out: Path, stop_after: int | None, log: Callable[[str
         run.engine.sampler.sync_weights()  # the engine started from the initial weights
     pool = fitting_prompts(run.engine, pool, cfg.rollout.max_new_tokens, "training", log)
     eval_set = fitting_prompts(run.engine, eval_set, cfg.eval.max_new_tokens, "held-out", log)
+    if not dp.is_main:  # the other ranks take the same steps on their shards: no eval, log or checkpoint
+        for step in range(start, cfg.train.steps):
+            dp.reduce_metrics(one_step(cfg, run, pool, step, log))
+            if stop_after is not None and step + 1 >= stop_after:
+                return {"stopped_at": step + 1}
+        return {}
     dump_config(cfg, out / "config.yaml")  # only now: the run has validated, loaded and resumed
     logger = RunLogger(out, cfg.train.tensorboard, resume_step=start if ck is not None else None,
                        wandb=wandb_settings(cfg, out))
@@ -147,45 +164,7 @@ def _train(cfg: RunConfig, out: Path, stop_after: int | None, log: Callable[[str
         log(f"before RL: accuracy {before['accuracy']:.3f} [{before['accuracy_lo']:.3f}, {before['accuracy_hi']:.3f}]")
     with Progress("RL", total=cfg.train.steps, enabled=cfg.train.progress) as bar:
         for step in range(start, cfg.train.steps):
-            t0 = time.time()
-            # ---- rollout + filters
-            traj, pre_scored, fmetrics = collect_batch(cfg, run.engine, pool, run.signals, run.filters, step,
-                                                       outcome=run.outcome)
-            if traj is None:  # no update; the eval, log and checkpoint below still happen on schedule
-                log(f"step {step + 1}: every group was filtered out; skipping the update")
-                with warnings.catch_warnings():  # the schedule advances without an optimizer step, on purpose
-                    warnings.filterwarnings("ignore", message=r"Detected call of `lr_scheduler.step\(\)` before")
-                    run.scheduler.step()
-                row = prefixed("filter", fmetrics)
-            else:
-                t_gen = time.time()
-                # ---- online reward models that learn before scoring, then score every signal
-                rm_metrics = update_reward_models(run, traj, "before")
-                scored = score_batch(run, traj, pre_scored, step)
-                t_score = time.time()
-                # ---- credit
-                advantages = compute_advantages(cfg, scored.per_source, traj, values=scored.values)
-                check_finite(f"step {step + 1}: advantages", advantages, traj.loss_mask)
-                # ---- update: the policy, the critic (if any), then online reward models that learn after it
-                umetrics = update_policy(run, traj, advantages, scored, step)
-                cmetrics = update_critic(run, traj, scored, step)
-                rm_metrics |= update_reward_models(run, traj, "after")
-                run.scheduler.step()
-                t_upd = time.time()
-                run.engine.sampler.sync_weights()  # an engine with its own copy (vLLM) takes the new weights
-                t_sync = time.time()
-                # ---- log
-                row = {**prefixed("loss", umetrics), **prefixed("critic", cmetrics), **prefixed("filter", fmetrics),
-                       **rm_metrics}
-                for n, o in scored.outputs.items():
-                    row[f"reward/{n}/mean"] = float(o.values[o.mask].float().mean()) if o.mask.any() else 0.0
-                    row.update(prefixed(f"reward/{n}", o.components))
-                row |= {"adv/mean": masked_mean(advantages, traj.loss_mask), "adv/abs_mean": masked_mean(advantages.abs(), traj.loss_mask),
-                       "rollout/response_len": traj.response_mask.sum(1).float().mean(),
-                       "rollout/truncated_frac": traj.truncated.float().mean(), "rollout/rows": traj.batch_size,
-                       **rollout_metrics(traj),
-                       "optim/lr": run.scheduler.get_last_lr()[0], "time/generate": t_gen - t0, "time/score": t_score - t_gen,
-                       "time/update": t_upd - t_score, "time/sync": t_sync - t_upd, "time/step": t_sync - t0}
+            row = dp.reduce_metrics(one_step(cfg, run, pool, step, log))
             if (cfg.train.eval_every and (step + 1) % cfg.train.eval_every == 0 and step + 1 < cfg.train.steps):
                 m, _ = evaluate(run.engine, task, eval_set, **ev)
                 row.update(prefixed("eval", m))
@@ -212,6 +191,51 @@ def _train(cfg: RunConfig, out: Path, stop_after: int | None, log: Callable[[str
     plot_curves(read_log(out / "metrics.jsonl"), out / "curves.png")
     log(f"after RL: accuracy {after['accuracy']:.3f} [{after['accuracy_lo']:.3f}, {after['accuracy_hi']:.3f}]")
     return report
+
+
+def one_step(cfg: RunConfig, run, pool: list, step: int, log: Callable[[str], None]) -> dict:
+    """One RL step on the run: rollout + filters, reward models, scoring, credit, the policy (and
+    critic) update, the weight sync; returns the step's metrics row (before data-parallel reduction)."""
+    t0 = time.time()
+    # ---- rollout + filters
+    traj, pre_scored, fmetrics = collect_batch(cfg, run.engine, pool, run.signals, run.filters, step,
+                                               outcome=run.outcome, dp=run.dp)
+    if traj is None:  # no update; the eval, log and checkpoint below still happen on schedule
+        log(f"step {step + 1}: every group was filtered out; skipping the update")
+        with warnings.catch_warnings():  # the schedule advances without an optimizer step, on purpose
+            warnings.filterwarnings("ignore", message=r"Detected call of `lr_scheduler.step\(\)` before")
+            run.scheduler.step()
+        row = prefixed("filter", fmetrics)
+    else:
+        t_gen = time.time()
+        # ---- online reward models that learn before scoring, then score every signal
+        rm_metrics = update_reward_models(run, traj, "before")
+        scored = score_batch(run, traj, pre_scored, step)
+        t_score = time.time()
+        # ---- credit
+        advantages = compute_advantages(cfg, scored.per_source, traj, values=scored.values)
+        check_finite(f"step {step + 1}: advantages", advantages, traj.loss_mask)
+        # ---- update: the policy, the critic (if any), then online reward models that learn after it
+        umetrics = update_policy(run, traj, advantages, scored, step)
+        cmetrics = update_critic(run, traj, scored, step)
+        rm_metrics |= update_reward_models(run, traj, "after")
+        run.scheduler.step()
+        t_upd = time.time()
+        run.engine.sampler.sync_weights()  # an engine with its own copy (vLLM) takes the new weights
+        t_sync = time.time()
+        # ---- log
+        row = {**prefixed("loss", umetrics), **prefixed("critic", cmetrics), **prefixed("filter", fmetrics),
+               **rm_metrics}
+        for n, o in scored.outputs.items():
+            row[f"reward/{n}/mean"] = float(o.values[o.mask].float().mean()) if o.mask.any() else 0.0
+            row.update(prefixed(f"reward/{n}", o.components))
+        row |= {"adv/mean": masked_mean(advantages, traj.loss_mask), "adv/abs_mean": masked_mean(advantages.abs(), traj.loss_mask),
+               "rollout/response_len": traj.response_mask.sum(1).float().mean(),
+               "rollout/truncated_frac": traj.truncated.float().mean(), "rollout/rows": traj.batch_size,
+               **rollout_metrics(traj),
+               "optim/lr": run.scheduler.get_last_lr()[0], "time/generate": t_gen - t0, "time/score": t_score - t_gen,
+               "time/update": t_upd - t_score, "time/sync": t_sync - t_upd, "time/step": t_sync - t0}
+    return row
 
 
 def _save(out: Path, step: int, run, before: dict) -> None:

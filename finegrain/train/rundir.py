@@ -63,8 +63,11 @@ def _fmt(changes: dict[str, tuple]) -> str:
     return ", ".join(f"{k} {v[0]!r} → {v[1]!r}" for k, v in changes.items())
 
 
-def prepare(cfg: RunConfig, out: Path, log) -> Resume:
-    """Decide how the run in ``out`` starts (see the module docstring); raises one-line ValueErrors."""
+def prepare(cfg: RunConfig, out: Path, log, record: bool = True) -> Resume:
+    """Decide how the run in ``out`` starts (see the module docstring); raises one-line ValueErrors.
+
+    ``record`` False (data-parallel ranks other than 0, which run after rank 0 has prepared the
+    directory) does not append the train.resume=force record a second time."""
     mode = cfg.train.resume
     has_run = (out / "checkpoints").exists() or (out / "metrics.jsonl").exists()
     if mode is False:
@@ -100,7 +103,7 @@ def prepare(cfg: RunConfig, out: Path, log) -> Resume:
         if rep.get("steps") == cfg.train.steps:
             log(f"{out}: this run already finished ({report}); raise train.steps to continue it")
             return Resume(found.path, state, finished=rep)
-    if changes:
+    if changes and record:
         with (out / CHANGES_FILE).open("a") as f:
             f.write(json.dumps({"step": step, "time": time.strftime("%Y-%m-%d %H:%M:%S"),
                                 "changes": {k: list(v) for k, v in changes.items()}}) + "\n")

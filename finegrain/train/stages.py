@@ -31,6 +31,7 @@ from finegrain.filters import FILTERS
 from finegrain.losses import KL_ESTIMATORS
 from finegrain.models.load import load_pretrained
 from finegrain.models.value import Critic
+from finegrain.train.distributed import SINGLE, DataParallel
 from finegrain.train.sft import warm_started_tiny
 from finegrain.rewards import REWARDS
 from finegrain.rewards.base import RewardOutput, cat_outputs, level_of, select_output
@@ -99,6 +100,7 @@ class Run:
     scheduler: Any
     shuffle: torch.Generator = field(default_factory=torch.Generator)
     critic: Critic | None = None  # the value model and its optimizer, when the estimator reads values
+    dp: DataParallel = SINGLE  # data parallel: this process's rank and the number of processes
 
 
 @dataclass
@@ -143,7 +145,8 @@ def outcome_signal(cfg: RunConfig) -> str | None:
     return next((r.name for r in cfg.rewards if level_of(r.name, r.kwargs) == "outcome"), None)
 
 
-def build_run(cfg: RunConfig, task, log: Callable[[str], None], *, policy: tuple | None = None) -> Run:
+def build_run(cfg: RunConfig, task, log: Callable[[str], None], *, policy: tuple | None = None,
+              dp: DataParallel = SINGLE) -> Run:
     """Load the policy (or take ``policy`` = (model, tokenizer, info)) and build every stage's
     component from the registries."""
     policy, tok, init_info = policy if policy is not None else build_policy(cfg, task, log)
@@ -178,7 +181,7 @@ def build_run(cfg: RunConfig, task, log: Callable[[str], None], *, policy: tuple
                outcome=outcome_signal(cfg), trainables={n: s for n, s in signals.items() if REWARDS.meta(n).get("trainable")},
                stateful={n: s for n, s in signals.items() if REWARDS.meta(n).get("stateful")},
                stateful_filters=stateful_filters,
-               optimizer=optimizer, scheduler=make_schedule(optimizer, cfg), critic=critic)
+               optimizer=optimizer, scheduler=make_schedule(optimizer, cfg), critic=critic, dp=dp)
 
 
 def pick_prompts(pool: list, n: int, seed: int, step: int, stream: int) -> list:
@@ -188,7 +191,7 @@ def pick_prompts(pool: list, n: int, seed: int, step: int, stream: int) -> list:
 
 
 def collect_batch(cfg: RunConfig, engine, pool: list, signals: dict, filters: list, step: int, *,
-                  outcome: str | None = None) -> tuple[Trajectory | None, dict[str, RewardOutput], dict]:
+                  outcome: str | None = None, dp: DataParallel = SINGLE) -> tuple[Trajectory | None, dict[str, RewardOutput], dict]:
     """Rollout + filters, with oversampling and bounded refill rounds.
 
     Filters return a per-row keep mask; a prompt counts towards ``prompts_per_step`` when any of
@@ -197,15 +200,17 @@ def collect_batch(cfg: RunConfig, engine, pool: list, signals: dict, filters: li
     signal (``outcome``, default ``outcome_signal(cfg)``) is scored here, once per round, and handed
     back so it is not scored again. A filter registered with ``needs_signals=True`` is also given
     ``signals=RoundSignals(...)``, the run's other signals on the round, scored when it reads them.
+    Data parallel (``dp``): each rank takes its share (``dp.shard``) of the round's prompts and
+    aims at prompts_per_step / world of them.
     """
     outcome = outcome if outcome is not None else outcome_signal(cfg)
-    G, want = cfg.rollout.group_size, cfg.rollout.prompts_per_step
+    G, want = cfg.rollout.group_size, cfg.rollout.prompts_per_step // dp.world
     sp = SamplingParams(cfg.rollout.temperature, cfg.rollout.top_p, cfg.rollout.top_k, cfg.rollout.max_new_tokens)
     kept, kept_outcomes, generated, sums, rounds, n_seen, n_right, n_kept = [], [], 0, {}, 0, 0, 0.0, 0
     for rnd in range(1 + (cfg.filters.max_refills if filters else 0)):
         rounds += 1
-        n_prompts = math.ceil(want * cfg.filters.oversample) if rnd == 0 else want - n_kept
-        examples = pick_prompts(pool, n_prompts, cfg.train.seed, step, stream=2 * rnd)
+        n_prompts = math.ceil(want * dp.world * cfg.filters.oversample) if rnd == 0 else (want - n_kept) * dp.world
+        examples = dp.shard(pick_prompts(pool, n_prompts, cfg.train.seed, step, stream=2 * rnd))
         traj = engine.generate(examples, G, sp, sample_seed(cfg.train.seed, step, 2 * rnd + 1), group_offset=generated)
         generated += len(examples)
         scored = signals[outcome](traj) if outcome in signals else None
@@ -322,7 +327,7 @@ def update_policy(run: Run, traj: Trajectory, advantages: torch.Tensor, scored: 
                          ref_logprobs=scored.ref_logprobs, loss_cfg=cfg.loss, ppo_epochs=cfg.train.ppo_epochs,
                          minibatches=cfg.train.minibatches, grad_accum=cfg.train.grad_accum,
                          temperature=cfg.rollout.temperature, grad_clip=cfg.optim.grad_clip,
-                         max_new_tokens=cfg.rollout.max_new_tokens, generator=run.shuffle)
+                         max_new_tokens=cfg.rollout.max_new_tokens, generator=run.shuffle, dp=run.dp)
 
 
 def update_critic(run: Run, traj: Trajectory, scored: Scored, step: int) -> dict:
