@@ -6,7 +6,7 @@ Each setting runs ``finegrain train`` (the library's CLI, nothing copied) on the
 a small warm start, ``--prompts`` prompts × ``--group`` samples per step, no filters and no
 mid-run eval, in a fresh run directory; the SFT cache is built once before the timed runs.
 Settings: 1 process × 1 thread, 1 process × 2 threads, 2 processes × 1 thread each (accelerate,
-configs/accelerate/cpu_2proc.yaml). Printed: median ``time/step`` of steps 2.. (rank 0's log;
+examples/accelerate/cpu_2proc.yaml). Printed: median ``time/step`` of steps 2.. (rank 0's log;
 the first step warms up), the ratio to 1 × 1, and the load average before and after each run.
 """
 
@@ -38,7 +38,7 @@ def run(args, out: Path, procs: int, threads: int) -> dict:
         cmd = [sys.executable, "-m", "finegrain", "train", str(ROOT / "configs/demo_cpu.yaml"), *ov]
     else:
         cmd = [sys.executable, "-m", "accelerate.commands.launch", "--config_file",
-               str(ROOT / "configs/accelerate/cpu_2proc.yaml"), "--num_processes", str(procs), "-m", "finegrain",
+               str(ROOT / "examples/accelerate/cpu_2proc.yaml"), "--num_processes", str(procs), "-m", "finegrain",
                "train", str(ROOT / "configs/demo_cpu.yaml"), *ov]
     load0 = os.getloadavg()[0]
     t0 = time.time()

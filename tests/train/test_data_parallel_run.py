@@ -1,4 +1,4 @@
-"""``accelerate launch --config_file configs/accelerate/cpu_2proc.yaml -m finegrain train CONFIG`` on CPU (gloo): the run
+"""``accelerate launch --config_file examples/accelerate/cpu_2proc.yaml -m finegrain train CONFIG`` on CPU (gloo): the run
 finishes, only rank 0 writes the log and checkpoints, the logged batch is the global one, and a
 killed-then-resumed data-parallel run continues from its checkpoint."""
 
