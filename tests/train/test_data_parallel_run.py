@@ -14,7 +14,7 @@ from finegrain.config import dump_config
 from finegrain.train.logging import read_log
 from tests.train.test_loop_e2e import make_cfg
 
-ACCELERATE_CONFIG = Path(__file__).resolve().parents[2] / "configs" / "accelerate" / "cpu_2proc.yaml"
+ACCELERATE_CONFIG = Path(__file__).resolve().parents[2] / "examples" / "accelerate" / "cpu_2proc.yaml"
 
 
 def _launch(cfg_path, *overrides, timeout=600):
