@@ -20,7 +20,7 @@ LAYERS = [
     {"eval"},
     {"config"},
     {"train", "threads"},
-    {"cli", "recipes", "compare", "__main__", "__init__"},
+    {"cli", "recipes", "compare", "integrations", "__main__", "__init__"},
 ]
 LAYER_OF = {name: k for k, names in enumerate(LAYERS) for name in names}
 
