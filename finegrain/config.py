@@ -41,17 +41,38 @@ def _f(default: Any, help: str, **kw: Any) -> Any:
     return field(default=default, metadata={"help": help, **kw})
 
 
+LORA_TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+
+
+@dataclass
+class LoraConfig:
+    enabled: bool = _f(False, "Train LoRA adapters (h = W x + (alpha/r)·B A x, Hu et al. 2021, arXiv:2106.09685) "
+                              "instead of every weight: the base model is frozen, the reference policy is the base "
+                              "with the adapters disabled (no second copy), checkpoints hold the adapters only, and "
+                              "the inference engine gets the merged weights (finegrain/models/lora.py; needs peft: "
+                              "pip install finegrain[lora]).")
+    r: int = _f(16, "Rank r of every adapter.", range="[1, inf)")
+    alpha: float = _f(32.0, "LoRA alpha: the adapter's output is scaled by alpha/r.", range="(0, inf)")
+    dropout: float = _f(0.0, "Dropout on the adapter's input (training only).", range="[0, 1)")
+    target_modules: Any = _f(list(LORA_TARGETS), "Linear layers that get adapters: a list of module names (default: "
+                                                 "the attention and MLP projections of Llama/Qwen2) or 'all-linear' "
+                                                 "(every linear layer but the LM head).")
+    seed: int = _f(0, "Seed of the adapters' A init (B starts at 0, so the first policy is the base model).",
+                   range="[0, inf)")
+
+
 @dataclass
 class ModelConfig:
     path: str = _f("", "Hugging Face model directory or Hub id; '' builds a tiny model from scratch for the task "
                        "and warm-starts it with SFT (cached under sft.cache_dir).")
     family: str = _f("qwen2", "Architecture of the tiny model when path is '': qwen2 | llama.")
-    size: str = _f("tiny", "Preset of the tiny model when path is '': micro | tiny | small.")
+    size: str = _f("tiny", "Preset of the tiny model when path is '': micro | tiny | small | 50m.")
     dtype: str = _f("float32", "Parameter dtype: float32 | bfloat16 | float16.")
     device: str = _f("auto", "cpu | cuda | cuda:N | auto (cuda when available).")
     use_chat_template: bool = _f(True, "Wrap prompts in the tokenizer's chat template when it has one.")
     trust_remote_code: bool = _f(False, "Let a model directory run its own Python code (auto_map). Off: such a "
                                         "model is refused with a clear error, never an interactive prompt.")
+    lora: LoraConfig = field(default_factory=LoraConfig, metadata={"help": "LoRA adapters on the policy."})
 
 
 @dataclass
@@ -131,7 +152,7 @@ class CriticConfig:
                               "with the policy's train.ppo_epochs, train.minibatches, train.grad_accum and loss.aggregation.")
     init: str = _f("policy", "policy: a copy of the policy's backbone with a zero-initialised scalar head; tiny: a "
                              "separate tiny random model of size critic.size (finegrain/models/value.py).")
-    size: str = _f("tiny", "Preset of the tiny critic when init is tiny: micro | tiny | small.")
+    size: str = _f("tiny", "Preset of the tiny critic when init is tiny: micro | tiny | small | 50m.")
     lr: float = _f(1e-4, "Critic learning rate (its own AdamW, constant, no weight decay).", range="(0, inf)")
     grad_clip: float = _f(1.0, "Clip the critic's gradient norm to this (0 = off).", range="[0, inf)")
     value_clip: float = _f(0.2, "ε of the clipped value loss ½·max((V−R)², (clip(V, V_old±ε)−R)²) (0 = unclipped).",
@@ -441,6 +462,29 @@ def _check_special(cfg: RunConfig) -> None:
         raise ValueError(f"train.resume: expected true, false or force, got {cfg.train.resume!r}")
     if not cfg.train.out_dir.strip():
         raise ValueError("train.out_dir: expected a directory path, got ''")
+    _check_lora(cfg.model.lora)
+
+
+def _check_lora(lora: LoraConfig) -> None:
+    """model.lora.target_modules: 'all-linear' or a non-empty list of distinct module names (the
+    numeric fields are checked by their ranges); enabled needs the peft package."""
+    import importlib.util
+
+    if lora.enabled and importlib.util.find_spec("peft") is None:
+        raise ValueError("model.lora.enabled: LoRA needs the peft package (pip install 'finegrain[lora]')")
+    t = lora.target_modules
+    if isinstance(t, str):
+        if t != "all-linear":
+            raise ValueError(f"model.lora.target_modules: expected a list of module names or 'all-linear', got {t!r}")
+        return
+    if not isinstance(t, list) or not t:
+        raise ValueError(f"model.lora.target_modules: expected a non-empty list of module names (e.g. "
+                         f"[q_proj, v_proj]) or 'all-linear', got {t!r}")
+    bad = [x for x in t if not isinstance(x, str) or not x.strip()]
+    if bad:
+        raise ValueError(f"model.lora.target_modules: expected module names (strings), got {bad[0]!r}")
+    if len(set(t)) != len(t):
+        raise ValueError(f"model.lora.target_modules: each module name may appear once, got {t}")
 
 
 def _check_groups(cfg: RunConfig) -> None:

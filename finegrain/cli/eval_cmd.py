@@ -118,9 +118,11 @@ def resolve_model_dir(path: str, flag: str = "--model", sub: str = "policy") -> 
     """(model directory or Hub id, run directory or None) for a ``--model``-like argument.
 
     A directory with ``config.json`` is a model directory; one with ``checkpoints/latest`` is a
-    run directory and resolves to ``<latest checkpoint>/<sub>``. A missing path containing one
-    '/' and not starting with '.' or '/' is taken as a Hub id.
+    run directory and resolves to ``<latest checkpoint>/<sub>``, which may be a LoRA adapter
+    directory (``adapter_config.json``; ``_load_policy`` merges it into the run's base model). A
+    missing path containing one '/' and not starting with '.' or '/' is taken as a Hub id.
     """
+    from finegrain.models.lora import has_adapters
     from finegrain.train.checkpoint import latest_checkpoint
 
     from finegrain.models.load import check_model_path
@@ -130,12 +132,15 @@ def resolve_model_dir(path: str, flag: str = "--model", sub: str = "policy") -> 
         return check_model_path(flag, path), None  # a Hub id, or a one-line "no such directory"
     if (p / "config.json").is_file():
         return str(p), None
+    if has_adapters(p):
+        raise FileNotFoundError(f"{flag}: '{path}' holds LoRA adapters only; pass the run directory, whose config "
+                                f"names the base model")
     if (p / "checkpoints" / "latest").is_file():
         ck = latest_checkpoint(p)
         if ck is None:
             raise FileNotFoundError(f"{flag}: run directory '{path}' has no complete checkpoint "
                                     f"(checkpoints/latest names a missing one)")
-        if not (ck / sub / "config.json").is_file():
+        if not (ck / sub / "config.json").is_file() and not has_adapters(ck / sub):
             raise FileNotFoundError(f"{flag}: checkpoint '{ck}' has no '{sub}' model directory")
         return str(ck / sub), p
     raise FileNotFoundError(f"{flag}: '{path}' is neither a model directory (config.json) nor a run directory "
@@ -161,6 +166,31 @@ def _initial_model(run_dir: Path | None) -> str | None:
         if path:
             return path
     return (_run_config(run_dir).get("model") or {}).get("path") or None
+
+
+def _load_policy(model_path: str, run_dir: Path | None, device: str):
+    """(model, tokenizer) to evaluate. A LoRA checkpoint (adapter directory) is loaded as the run's
+    base model (report.json's init path, else config.yaml's model.path) with the run's
+    ``model.lora`` adapters, then merged into a plain model: W + (alpha/r)·B·A, the weights an
+    inference engine gets (``finegrain/models/lora.py::merge_and_unwrap``)."""
+    from finegrain.config import ModelConfig, from_dict
+    from finegrain.models.load import load_pretrained
+    from finegrain.models.lora import add_adapters, has_adapters, load_adapters, merge_and_unwrap
+
+    if not has_adapters(model_path):
+        return load_pretrained(model_path, device=device, where="--model")
+    base = _initial_model(run_dir)
+    if base is None:
+        raise ValueError(f"--model: {model_path} holds LoRA adapters, but the run's base model is unknown (no init "
+                         f"path in report.json, no model.path in config.yaml)")
+    mc = from_dict(ModelConfig, _run_config(run_dir).get("model") or {}, "model")
+    model, tok = load_pretrained(base, mc.dtype, device, trust_remote_code=mc.trust_remote_code,
+                                 where="--model (the LoRA run's base model)")
+    lc = mc.lora
+    model = add_adapters(model, r=lc.r, alpha=lc.alpha, dropout=lc.dropout, target_modules=lc.target_modules,
+                         seed=lc.seed)
+    load_adapters(model, model_path)
+    return merge_and_unwrap(model).eval(), tok
 
 
 def _load_model_only(path: str, flag: str, device):
@@ -209,7 +239,7 @@ def _run(args: argparse.Namespace) -> dict:
     from finegrain.eval.scoring import build_scorers, check_scorer, eval_meta, selects_by
     from finegrain.eval.search import SEARCHES
     from finegrain.eval.selection import STEP_AGGREGATIONS
-    from finegrain.models.load import load_pretrained, resolve_device
+    from finegrain.models.load import resolve_device
     from finegrain.rewards.base import level_of
     from finegrain.sampling import SamplingParams
     from finegrain.tasks import TASKS
@@ -306,7 +336,7 @@ def _run(args: argparse.Namespace) -> dict:
 
         hf_logging.disable_progress_bar()
     log(f"loading policy {model_path}")
-    model, tok = load_pretrained(model_path, device=args.device, where="--model")
+    model, tok = _load_policy(model_path, run_dir, args.device)
     device = resolve_device(args.device)
     _set_threads(args.threads, model, device, log)
     if chat_tokenizer:

@@ -10,6 +10,8 @@ from pathlib import Path
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedTokenizerFast
 
+from finegrain.models.lora import has_adapters, is_lora, load_adapters
+
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
@@ -119,8 +121,16 @@ def load_pretrained(path: str, dtype: str = "float32", device: str = "auto", *, 
 
 
 def load_weights_into(model, directory: Path) -> None:
-    """Copy saved safetensors weights into an existing model (keeps device and dtype)."""
+    """Copy saved safetensors weights into an existing model (keeps device and dtype); a LoRA
+    model gets its adapters back from an adapter directory (``lora.load_adapters``)."""
     from safetensors.torch import load_file
+
+    if is_lora(model):
+        load_adapters(model, directory)
+        return
+    if has_adapters(directory):
+        raise ValueError(f"checkpoint {directory}: holds LoRA adapters (adapter_config.json), but the model has none "
+                         f"(model.lora.enabled is false)")
 
     files = sorted(Path(directory).glob("*.safetensors"))
     if not files:

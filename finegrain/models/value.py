@@ -31,6 +31,7 @@ from pathlib import Path
 import torch
 
 from finegrain.models.load import load_weights_into
+from finegrain.models.lora import base_copy, is_lora
 from finegrain.shapes import check_shapes
 
 CONFIG_KIND = "finegrain.ValueModel"
@@ -53,8 +54,9 @@ class ValueModel(torch.nn.Module):
 
     @classmethod
     def from_policy(cls, policy) -> "ValueModel":
-        """A copy of ``policy``'s backbone (``policy.base_model``) with a new head; shares nothing."""
-        backbone = copy.deepcopy(policy.base_model)
+        """A copy of ``policy``'s backbone (``policy.base_model``) with a new head; shares nothing.
+        For a LoRA policy, the backbone of its base model, without adapters (``lora.base_copy``)."""
+        backbone = base_copy(policy).base_model if is_lora(policy) else copy.deepcopy(policy.base_model)
         for p in backbone.parameters():
             p.requires_grad_(True)
         return cls(backbone)

@@ -3,8 +3,9 @@
 ``engine_weights(model)`` is what a sampler that keeps its own copy of the model (vLLM) reads in
 ``sync_weights()``: (name, tensor) pairs named as in the base architecture's Hugging Face
 checkpoint (``model.layers.0.self_attn.q_proj.weight``, ``lm_head.weight``), detached, on the
-model's device and dtype. (LoRA-adapted models will yield merged weights under the base names:
-``finegrain/models/lora.py``, in progress.)
+model's device and dtype. A model with LoRA adapters (a peft model, ``finegrain/models/lora.py``)
+yields the merged weights W + (α/r)·B·A under the base names, so the engine never sees adapter
+tensors, and the trained model is not changed.
 """
 
 from __future__ import annotations
@@ -13,8 +14,14 @@ from typing import Iterator
 
 import torch
 
+from finegrain.models.lora import is_lora, merged_weights
+
 
 def engine_weights(model) -> Iterator[tuple[str, torch.Tensor]]:
-    """(checkpoint name, detached tensor) for every parameter and persistent buffer of ``model``."""
+    """(checkpoint name, detached tensor) for every parameter and persistent buffer of ``model``;
+    for a LoRA model, those of its base model with every adapted weight merged (``merged_weights``)."""
+    if is_lora(model):
+        yield from merged_weights(model)
+        return
     for name, t in model.state_dict().items():
         yield name, t.detach()

@@ -39,6 +39,7 @@ from finegrain.losses.prm import implicit_prm_ce_loss, implicit_prm_dpo_loss
 from finegrain.rewards.base import REWARDS, RewardOutput
 from finegrain.rewards.implicit_prm import ImplicitPRM, implicit_step_rewards
 from finegrain.models.load import load_weights_into
+from finegrain.models.lora import is_lora, merged_copy
 from finegrain.guards import check_finite, clip_and_step
 
 
@@ -93,7 +94,9 @@ class OnlineImplicitPRM(ImplicitPRM):
                      grad_clip: float = 10.0, ref: str = "initial", temperature: float | None = None,
                      copy_policy: bool = True):
         if copy_policy:
-            prm = copy.deepcopy(ctx.policy)
+            # a LoRA policy's PRM is a plain full-weight model with the merged weights (it trains
+            # every weight and checkpoints as a full model, not as adapters)
+            prm = merged_copy(ctx.policy) if is_lora(ctx.policy) else copy.deepcopy(ctx.policy)
             for p in prm.parameters():
                 p.requires_grad_(True)
         else:

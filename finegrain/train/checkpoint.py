@@ -28,6 +28,8 @@ from pathlib import Path
 
 import torch
 
+from finegrain.models.lora import ADAPTER_CONFIG, ADAPTER_WEIGHTS, is_lora, save_adapters
+
 
 _NAME = re.compile(r"step_(\d{6,})")
 STATE_FILE = "state.pt"
@@ -46,7 +48,10 @@ def save_checkpoint(out_dir: Path, step: int, models: dict, state: dict, keep: i
         shutil.rmtree(tmp)
     tmp.mkdir(parents=True)
     for name, (model, tok) in models.items():
-        model.save_pretrained(tmp / name)
+        if is_lora(model):  # adapters only (adapter_model.safetensors + adapter_config.json)
+            save_adapters(model, tmp / name)
+        else:
+            model.save_pretrained(tmp / name)
         if tok is not None:
             tok.save_pretrained(tmp / name)
     torch.save({"step": step, **state}, tmp / STATE_FILE)
@@ -80,7 +85,8 @@ def check_checkpoint(ck: Path, model_dirs: tuple[str, ...] = ()) -> tuple[dict |
 
     Complete: ``state.pt`` loads with ``weights_only=True`` and records the directory's step, and
     each of ``model_dirs`` (and each trainable signal the state names) has a ``config.json`` and
-    at least one ``*.safetensors`` file.
+    at least one ``*.safetensors`` file, or is a LoRA adapter directory (``adapter_config.json``
+    and ``adapter_model.safetensors``, ``finegrain/models/lora.py``).
     """
     f = ck / STATE_FILE
     if not f.is_file():
@@ -95,8 +101,9 @@ def check_checkpoint(ck: Path, model_dirs: tuple[str, ...] = ()) -> tuple[dict |
     signals = state.get("signals", {})
     for sub in (*model_dirs, *(signals if isinstance(signals, dict) else {})):
         d = ck / sub
-        if not (d / "config.json").is_file() or not any(d.glob("*.safetensors")):
-            return None, f"{ck.name}: {sub}/ lacks config.json or *.safetensors"
+        adapters = (d / ADAPTER_CONFIG).is_file() and (d / ADAPTER_WEIGHTS).is_file()
+        if not adapters and (not (d / "config.json").is_file() or not any(d.glob("*.safetensors"))):
+            return None, f"{ck.name}: {sub}/ lacks config.json or *.safetensors (or LoRA adapter files)"
     return state, None
 
 

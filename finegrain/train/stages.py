@@ -30,6 +30,7 @@ from finegrain.envs import Rollout
 from finegrain.filters import FILTERS
 from finegrain.losses import KL_ESTIMATORS
 from finegrain.models.load import load_pretrained
+from finegrain.models.lora import FrozenBase, add_adapters, is_lora
 from finegrain.models.value import Critic
 from finegrain.train.distributed import SINGLE, DataParallel
 from finegrain.train.sft import warm_started_tiny
@@ -120,7 +121,25 @@ def build_policy(cfg: RunConfig, task, log):
     return warm_started_tiny(task, cfg.task.kwargs, cfg.model, cfg.sft, log)
 
 
+def with_lora(cfg: RunConfig, model, log):
+    """``model`` with LoRA adapters when ``model.lora.enabled`` (``finegrain/models/lora.py``),
+    else ``model``; a model that has adapters already is returned as it is."""
+    lc = cfg.model.lora
+    if not lc.enabled or is_lora(model):
+        return model
+    model = add_adapters(model, r=lc.r, alpha=lc.alpha, dropout=lc.dropout, target_modules=lc.target_modules,
+                         seed=lc.seed)
+    n_train = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    n_all = sum(p.numel() for p in model.parameters())
+    log(f"LoRA r={lc.r} alpha={lc.alpha:g}: training {n_train:,} of {n_all:,} parameters")
+    return model
+
+
 def frozen_copy(model):
+    """The initial policy, frozen: a copy of ``model``; for a LoRA model, its base with the adapters
+    disabled (``FrozenBase``: no second copy; equal to the initial policy since LoRA's B starts at 0)."""
+    if is_lora(model):
+        return FrozenBase(model)
     ref = copy.deepcopy(model).eval()
     for p in ref.parameters():
         p.requires_grad_(False)
@@ -150,6 +169,7 @@ def build_run(cfg: RunConfig, task, log: Callable[[str], None], *, policy: tuple
     """Load the policy (or take ``policy`` = (model, tokenizer, info)) and build every stage's
     component from the registries."""
     policy, tok, init_info = policy if policy is not None else build_policy(cfg, task, log)
+    policy = with_lora(cfg, policy, log)
     initial: dict[str, Any] = {}
 
     def initial_policy():
@@ -172,7 +192,7 @@ def build_run(cfg: RunConfig, task, log: Callable[[str], None], *, policy: tuple
             stateful_filters[f"{i}:{spec.name}"] = obj
         else:
             filters.append((spec.name, FILTERS.get(spec.name), spec.kwargs))
-    optimizer = torch.optim.AdamW(policy.parameters(), lr=cfg.optim.lr, weight_decay=cfg.optim.weight_decay,
+    optimizer = torch.optim.AdamW([p for p in policy.parameters() if p.requires_grad], lr=cfg.optim.lr, weight_decay=cfg.optim.weight_decay,
                                   betas=tuple(cfg.optim.betas))
     critic = (Critic.build(cfg.critic.init, policy, tok, lr=cfg.critic.lr, size=cfg.critic.size,
                            family=cfg.model.family, seed=cfg.train.seed) if needs_values(cfg) else None)

@@ -72,6 +72,35 @@ def test_greedy_matches_hf_and_follows_the_weights_after_a_sync(sampler):
     assert sampler.sample(prefixes, 1, g, seed=0).token_ids == before.token_ids
 
 
+def test_a_lora_policy_reaches_the_engine_merged(sampler):
+    """A LoRA policy syncs W + (alpha/r)·B A under the base names: the engine's greedy continuation
+    equals HF greedy on the peft model itself, and differs from the base model's."""
+    import copy
+
+    pytest.importorskip("peft")
+    from finegrain.models.lora import add_adapters, adapter_parameters
+
+    prefixes = [enc(sampler, "Q: 1 +2\n"), enc(sampler, "Q: 37 *4\n"), enc(sampler, "A")]
+    g = SamplingParams(temperature=0.0, max_new_tokens=16)
+    base_out = sampler.sample(prefixes, 1, g, seed=0).token_ids
+    plain = sampler.model
+    policy = add_adapters(copy.deepcopy(plain), r=4, alpha=8.0, target_modules=["q_proj", "v_proj", "down_proj"])
+    with torch.no_grad(), torch.random.fork_rng():
+        torch.manual_seed(3)
+        for p in adapter_parameters(policy):
+            p.normal_(0.0, 0.5)  # B is zero at init: make the adapters matter
+    try:
+        sampler.model = policy
+        sampler.sync_weights()
+        got = sampler.sample(prefixes, 1, g, seed=0).token_ids
+        assert got == hf_greedy(sampler, prefixes, 16).token_ids   # HF runs the peft model
+        assert got != base_out
+    finally:
+        sampler.model = plain
+        sampler.sync_weights()
+    assert sampler.sample(prefixes, 1, g, seed=0).token_ids == base_out
+
+
 @pytest.mark.parametrize("temperature, top_p", [(0.8, 1.0), (1.0, 1.0), (0.7, 0.9), (0.0, 1.0)])
 def test_logprobs_agree_with_the_trainers_recomputation(sampler, temperature, top_p):
     """Engine log-probs (untruncated: top_p 1) and the recomputed ones (top_p < 1) against
