@@ -12,7 +12,7 @@ tokens, temperature 1, top-p 1, no top-k, log-probs on, the same prompts and see
 samplers. Models, random weights built from configs (nothing is downloaded), float32, over a
 104-symbol character vocabulary: ``tiny`` = the demo's shape (``finegrain.models.tiny`` preset
 "tiny", ~0.9M parameters with the demo vocabulary) and ``50m`` = a Qwen2 of hidden 512, 12 layers,
-MLP 2048, 8 heads (~50M parameters; the shape of benchmarks/probe_speed.py). Random weights rarely
+MLP 2048, 8 heads (the "50m" preset, ~50M parameters). Random weights rarely
 emit EOS, so rows run to the limit; tokens/s counts the tokens actually returned.
 
 Per (model, sampler, batch): ``start`` = building the sampler (the vLLM engine start: checkpoint
@@ -30,28 +30,14 @@ import statistics
 import string
 import time
 
-MODELS = {
-    "tiny": None,  # finegrain.models.tiny preset "tiny"
-    "50m": dict(hidden_size=512, intermediate_size=2048, num_hidden_layers=12, num_attention_heads=8),
-}
+MODELS = ("tiny", "50m")  # presets of finegrain.models.tiny
 
 
 def build_model(name: str, tok):
-    """A float32 causal LM with random weights for ``name`` (a key of MODELS)."""
-    from transformers import AutoModelForCausalLM, Qwen2Config
-
+    """A float32 causal LM with random (seeded) weights: the ``name`` preset of ``finegrain.models.tiny``."""
     from finegrain.models.tiny import tiny_causal_lm
 
-    if MODELS[name] is None:
-        return tiny_causal_lm(tok, family="qwen2", size=name).eval()
-    cfg = Qwen2Config(vocab_size=len(tok), max_position_embeddings=2048, tie_word_embeddings=True,
-                      num_key_value_heads=MODELS[name]["num_attention_heads"], pad_token_id=tok.pad_token_id,
-                      bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id, **MODELS[name])
-    import torch
-
-    with torch.random.fork_rng():
-        torch.manual_seed(0)
-        return AutoModelForCausalLM.from_config(cfg).eval()
+    return tiny_causal_lm(tok, family="qwen2", size=name, max_positions=2048).eval()
 
 
 def prompts(tok, count: int, length: int, seed: int = 0) -> list[list[int]]:

@@ -33,23 +33,14 @@ import statistics
 import string
 import time
 
-MODELS = {
-    "tiny": None,                                                            # finegrain.models.tiny preset
-    "50m": dict(hidden_size=512, intermediate_size=2048, num_hidden_layers=12, num_attention_heads=8),
-}
+MODELS = ("tiny", "50m")  # presets of finegrain.models.tiny
 
 
 def build_model(name: str, tok):
-    from transformers import AutoModelForCausalLM, Qwen2Config
-
+    """A float32 causal LM with random (seeded) weights: the ``name`` preset of ``finegrain.models.tiny``."""
     from finegrain.models.tiny import tiny_causal_lm
 
-    if MODELS[name] is None:
-        return tiny_causal_lm(tok, family="qwen2", size=name).eval()
-    cfg = Qwen2Config(vocab_size=len(tok), max_position_embeddings=2048, tie_word_embeddings=True,
-                      num_key_value_heads=MODELS[name]["num_attention_heads"], pad_token_id=tok.pad_token_id,
-                      **MODELS[name])
-    return AutoModelForCausalLM.from_config(cfg).eval()
+    return tiny_causal_lm(tok, family="qwen2", size=name, max_positions=2048).eval()
 
 
 def workload(tok, *, responses: int, K: int, prompt_len: int, response_len: int, answer_len: int, seed: int):
