@@ -105,38 +105,23 @@ class FinegrainSide:
         return pick_prompts(self.pool, n, self.cfg.train.seed, step, stream=0)
 
     def step(self, step: int) -> dict:
-        from finegrain.train.stages import (collect_batch, compute_advantages, score_batch, update_policy,
-                                            update_reward_models)
+        """One step through ``finegrain.train.loop.one_step`` (the trainer's own step body, weight
+        sync included); phases from its ``time/*`` metrics and the timed ``Rollout.generate``."""
+        from finegrain.train.loop import one_step
 
-        cfg, run = self.cfg, self.run
         self._gen_seconds, self._gen_cpu, self._gen_examples = 0.0, 0.0, []
         t0, c0 = time.perf_counter(), time.process_time()
-        traj, pre_scored, fmetrics = collect_batch(cfg, run.engine, self.pool, run.signals, run.filters, step,
-                                                   outcome=run.outcome)
-        if traj is None:  # every group filtered out: the loop skips the update (and steps the scheduler)
-            run.scheduler.step()
-            t = time.perf_counter() - t0
-            return {"generate": self._gen_seconds, "score": t - self._gen_seconds, "update": 0.0, "total": t,
-                    "cpu_generate": self._gen_cpu, "cpu_score": time.process_time() - c0 - self._gen_cpu,
-                    "cpu_update": 0.0, "cpu_total": time.process_time() - c0, "rows": 0, "response_width": 0,
-                    "mean_response_tokens": float("nan"), "reward_mean": float("nan"),
-                    "generated_rows": fmetrics["generated_prompts"] * cfg.rollout.group_size, "prompts": []}
-        update_reward_models(run, traj, "before")
-        scored = score_batch(run, traj, pre_scored, step)
-        advantages = compute_advantages(cfg, scored.per_source, traj)
-        t2, c2 = time.perf_counter(), time.process_time()
-        update_policy(run, traj, advantages, scored, step)
-        update_reward_models(run, traj, "after")
-        run.scheduler.step()
-        t3, c3 = time.perf_counter(), time.process_time()
-        gen, gen_cpu = self._gen_seconds, self._gen_cpu
-        outcome = scored.outputs.get(run.outcome) if run.outcome else None
-        return {"generate": gen, "score": t2 - t0 - gen, "update": t3 - t2, "total": t3 - t0,
-                "cpu_generate": gen_cpu, "cpu_score": c2 - c0 - gen_cpu, "cpu_update": c3 - c2, "cpu_total": c3 - c0,
-                "rows": traj.batch_size, "response_width": traj.response_ids.shape[1],
-                "mean_response_tokens": float(traj.response_mask.sum(1).float().mean()),
-                "reward_mean": float(outcome.values.mean()) if outcome is not None else float("nan"),
-                "generated_rows": fmetrics["generated_prompts"] * cfg.rollout.group_size,
+        row = one_step(self.cfg, self.run, self.pool, step, lambda m: print(m, file=sys.stderr))
+        total, cpu_total = time.perf_counter() - t0, time.process_time() - c0
+        gen = self._gen_seconds
+        update, sync = float(row.get("time/update", 0.0)), float(row.get("time/sync", 0.0))
+        rows = int(row.get("rollout/rows", 0))
+        outcome = row.get(f"reward/{self.run.outcome}/mean") if self.run.outcome else None
+        return {"generate": gen, "score": total - gen - update - sync, "update": update, "sync": sync,
+                "total": total, "cpu_generate": self._gen_cpu, "cpu_total": cpu_total, "rows": rows,
+                "response_width": float("nan"), "mean_response_tokens": float(row.get("rollout/response_len", "nan")),
+                "reward_mean": float(outcome) if outcome is not None else float("nan"),
+                "generated_rows": row.get("filter/generated_prompts", 0) * self.cfg.rollout.group_size,
                 "prompts": sorted(e.prompt for e in self._gen_examples)}
 
 
@@ -235,14 +220,22 @@ def main(argv=None) -> dict:
     ap.add_argument("--init", choices=["sft", "random"], default="sft",
                     help="sft: the demo's warm-started model (cached; trained first if missing); random: same "
                          "architecture, random weights")
+    ap.add_argument("--size", default="tiny",
+                    help="finegrain.models.tiny preset of the policy (the demo's is tiny; 50m needs --init random)")
+    ap.add_argument("--engines", default="hf",
+                    help="comma-separated rollout engines, one finegrain side each (hf, vllm); vllm needs the "
+                         "vLLM environment (.ci/vllm.sh)")
     ap.add_argument("--threads", type=int, default=0,
-                    help="torch intra-op threads for both sides (0 = torch's default, one per core)")
+                    help="torch intra-op threads for every side (0 = torch's default, one per core)")
     ap.add_argument("--trl-gradient-checkpointing", action="store_true",
                     help="keep TRL's default gradient checkpointing (recomputes the forward in backward); "
                          "off by default so both sides do the same work")
     ap.add_argument("--no-filtered", action="store_true",
-                    help="skip the third, finegrain-only side: the demo config as shipped, with its filters")
+                    help="skip the finegrain-only side that runs the demo config as shipped, with its filters")
     args = ap.parse_args(argv)
+    engines = [e.strip() for e in args.engines.split(",") if e.strip()]
+    if args.size != "tiny" and args.init == "sft":
+        raise SystemExit("step_timing: --size other than tiny has no SFT warm start; add --init random")
 
     import transformers
     import trl
@@ -255,6 +248,7 @@ def main(argv=None) -> dict:
 
     demo = demo_config("grpo")
     demo.train.seed = args.seed
+    demo.model.size = args.size
     if not (demo.loss.kl_coef == 0 and demo.train.ppo_epochs == 1 and demo.train.minibatches == 1
             and demo.train.grad_accum == 1 and demo.loss.name == "ppo_clip" and demo.loss.aggregation == "token-mean"
             and [r.name for r in demo.rewards] == ["verifier"] and demo.advantage.name == "grpo"
@@ -269,24 +263,30 @@ def main(argv=None) -> dict:
     base, tok, init_desc = _load_policy(cfg, task, args.init)
     base.eval()
 
-    fg = FinegrainSide(cfg, task, copy.deepcopy(base), copy.deepcopy(tok))
-    filtered = None if args.no_filtered or not demo.filters.filters else \
-        FinegrainSide(demo, task, copy.deepcopy(base), copy.deepcopy(tok))
+    sides = {}
+    for e in engines:
+        c = copy.deepcopy(cfg)
+        c.rollout.engine = e
+        sides["finegrain" if e == "hf" else f"finegrain_{e}"] = FinegrainSide(c, task, copy.deepcopy(base),
+                                                                              copy.deepcopy(tok))
+    if not args.no_filtered and demo.filters.filters:
+        sides["finegrain_filtered"] = FinegrainSide(demo, task, copy.deepcopy(base), copy.deepcopy(tok))
+    first = next(iter(sides.values()))
     n_total = args.steps + 1  # step 0 = warm-up
-    examples_per_step = [fg.prompts_for(s) for s in range(n_total)]
-    records = {"finegrain": [], "trl": [], **({"finegrain_filtered": []} if filtered else {})}
+    examples_per_step = [first.prompts_for(s) for s in range(n_total)]
+    records = {"trl": [], **{name: [] for name in sides}}
 
     def line(name, r):
-        return (f"{name} {r['total']:.2f}s (gen {r['generate']:.2f} score {r['score']:.3f} upd {r['update']:.2f}, "
-                f"{r['rows']} rows)")
+        sync = f" sync {r['sync']:.3f}" if "sync" in r else ""
+        return (f"{name} {r['total']:.2f}s (gen {r['generate']:.2f} score {r['score']:.3f} upd {r['update']:.2f}"
+                f"{sync}, {r['rows']} rows)")
 
     def after_trl_step(step, rec):
         records["trl"].append({"step": step, **rec})
-        records["finegrain"].append({"step": step, **fg.step(step)})
-        msg = [line("finegrain", records["finegrain"][-1]), line("TRL", rec)]
-        if filtered:
-            records["finegrain_filtered"].append({"step": step, **filtered.step(step)})
-            msg.append(line("finegrain+filter", records["finegrain_filtered"][-1]))
+        msg = [line("TRL", rec)]
+        for name, side in sides.items():
+            records[name].append({"step": step, **side.step(step)})
+            msg.append(line(name, records[name][-1]))
         print(f"step {step}{' (warm-up)' if step == 0 else ''}: " + "  |  ".join(msg), file=sys.stderr, flush=True)
 
     load_before = os.getloadavg()
@@ -298,52 +298,62 @@ def main(argv=None) -> dict:
     wall = time.perf_counter() - t_run
     load_after = os.getloadavg()
 
-    for f, t in zip(records["finegrain"], records["trl"]):
-        if f["prompts"] != t["prompts"]:
-            raise RuntimeError(f"step {f['step']}: the two sides saw different prompts")
-        if f["rows"] != t["rows"]:
-            raise RuntimeError(f"step {f['step']}: {f['rows']} vs {t['rows']} completions")
+    compared = [n for n in sides if n != "finegrain_filtered"]
+    for name in compared:
+        for f, t in zip(records[name], records["trl"]):
+            if f["prompts"] != t["prompts"]:
+                raise RuntimeError(f"step {f['step']}: {name} and TRL saw different prompts")
+            if f["rows"] != t["rows"]:
+                raise RuntimeError(f"step {f['step']}: {name} trained {f['rows']} completions, TRL {t['rows']}")
     timed = {side: [r for r in recs if r["step"] > 0] for side, recs in records.items()}
-    keys = [*PHASES, *(f"cpu_{p}" for p in PHASES)]
-    summary = {side: {k: _median([r[k] for r in recs]) for k in keys} for side, recs in timed.items()}
+    keys = [*PHASES, "sync", "cpu_generate", "cpu_total"]
+    summary = {side: {k: _median([r[k] for r in recs if k in r]) for k in keys} for side, recs in timed.items()}
     for side, recs in timed.items():
-        for k in ("mean_response_tokens", "response_width", "reward_mean", "rows"):
+        for k in ("mean_response_tokens", "reward_mean", "rows"):
             summary[side][k] = _median([r[k] for r in recs if r["rows"]])
-    for side, recs in timed.items():
         summary[side]["fastest_total"] = min(r["total"] for r in recs)
+        if side != "trl":
+            summary[side]["sync_share"] = _median([r["sync"] / r["total"] for r in recs])
     summary["trl"]["outside_window"] = _median([r["outside_window"] for r in timed["trl"]])
-    ratio = {k: summary["finegrain"][k] / summary["trl"][k] for k in keys}
-    paired = _median([f["total"] / t["total"] for f, t in zip(timed["finegrain"], timed["trl"])])
+    ratios = {name: {k: summary[name][k] / summary["trl"][k] for k in (*PHASES, "cpu_total")} for name in compared}
+    paired = {name: _median([f["total"] / t["total"] for f, t in zip(timed[name], timed["trl"])]) for name in compared}
 
     env = {"python": platform.python_version(), "torch": torch.__version__, "transformers": transformers.__version__,
            "trl": trl.__version__, "cpus": os.cpu_count(), "torch_threads": torch.get_num_threads(),
            "mem_gib": round(os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / 2**30, 1),
            "cuda": torch.cuda.is_available(), "load_before": load_before, "load_after": load_after}
+    if "vllm" in engines:
+        import vllm
+
+        env["vllm"] = vllm.__version__
     workload = {"model": f"{cfg.model.family}/{cfg.model.size}, {sum(p.numel() for p in base.parameters()):,} "
                          f"parameters, {init_desc}", "vocab": len(tok),
                 "prompts_per_step": cfg.rollout.prompts_per_step, "group_size": cfg.rollout.group_size,
                 "max_new_tokens": cfg.rollout.max_new_tokens, "steps_timed": args.steps, "seed": args.seed,
-                "trl_gradient_checkpointing": args.trl_gradient_checkpointing}
+                "engines": engines, "trl_gradient_checkpointing": args.trl_gradient_checkpointing}
 
     print()
     print(f"workload: {workload['model']}; {cfg.rollout.prompts_per_step} prompts x {cfg.rollout.group_size} "
           f"samples, <= {cfg.rollout.max_new_tokens} new tokens; medians of {args.steps} alternating steps; "
           f"TRL gradient checkpointing {'on' if args.trl_gradient_checkpointing else 'off'}")
     print(f"machine: {env['cpus']} cpus, {env['mem_gib']} GiB, torch {env['torch']} ({env['torch_threads']} threads), "
-          f"transformers {env['transformers']}, trl {env['trl']}; load {load_before[0]:.2f} -> {load_after[0]:.2f}")
-    print(f"{'':<10}{'---------- wall s ----------':>32}{'------- CPU s (process) -------':>34}")
-    print(f"{'phase':<10}{'finegrain':>12}{'TRL':>10}{'fg/TRL':>10}{'finegrain':>14}{'TRL':>10}{'fg/TRL':>10}")
-    fs, ts = summary["finegrain"], summary["trl"]
-    for p in PHASES:
-        c = f"cpu_{p}"
-        print(f"{p:<10}{fs[p]:>12.3f}{ts[p]:>10.3f}{ratio[p]:>10.2f}{fs[c]:>14.3f}{ts[c]:>10.3f}{ratio[c]:>10.2f}")
-    print(f"median of per-pair total ratios fg/TRL: {paired:.2f}; fastest step: finegrain "
-          f"{fs['fastest_total']:.3f}s, TRL {ts['fastest_total']:.3f}s")
-    for side in ("finegrain", "trl"):
+          f"transformers {env['transformers']}, trl {env['trl']}{', vllm ' + env['vllm'] if 'vllm' in env else ''}; "
+          f"load {load_before[0]:.2f} -> {load_after[0]:.2f}")
+    cols = ["trl", *compared]
+    print(f"{'wall s':<10}" + "".join(f"{c:>18}" for c in cols) + "".join(f"{c + '/TRL':>22}" for c in compared))
+    for p in (*PHASES[:-1], "sync", "total", "cpu_total"):
+        vals = "".join(f"{summary[c].get(p, float('nan')):>18.3f}" for c in cols)
+        rs = "".join(f"{(summary[c][p] / summary['trl'][p]) if p in ratios[c] else float('nan'):>22.2f}"
+                     for c in compared)
+        print(f"{p:<10}{vals}{rs}")
+    for name in compared:
+        s = summary[name]
+        print(f"{name}: median per-pair total ratio vs TRL {paired[name]:.2f}; weight sync {s['sync']:.4f}s = "
+              f"{100 * s['sync_share']:.1f}% of its step; fastest step {s['fastest_total']:.3f}s")
+    for side in cols:
         s = summary[side]
-        print(f"{side}: mean response tokens {s['mean_response_tokens']:.1f}, padded width {s['response_width']:.0f}, "
-              f"mean reward {s['reward_mean']:.3f}")
-    if filtered:
+        print(f"{side}: mean response tokens {s['mean_response_tokens']:.1f}, mean reward {s['reward_mean']:.3f}")
+    if "finegrain_filtered" in sides:
         s = summary["finegrain_filtered"]
         s["generated_rows"] = _median([r["generated_rows"] for r in timed["finegrain_filtered"]])
         names = [f["name"] if isinstance(f, dict) else f.name for f in demo.filters.filters]
@@ -354,7 +364,7 @@ def main(argv=None) -> dict:
     print(f"TRL time between steps outside its step window (batch fetch, hooks): "
           f"{summary['trl']['outside_window']:.3f}s; whole run {wall:.0f}s")
 
-    result = {"summary": summary, "ratio_fg_over_trl": ratio, "paired_total_ratio_median": paired, "env": env,
+    result = {"summary": summary, "ratio_over_trl": ratios, "paired_total_ratio_median": paired, "env": env,
               "workload": workload, "wall_seconds": wall,
               "records": {side: [{k: v for k, v in r.items() if k != "prompts"} for r in recs]
                           for side, recs in records.items()}}
