@@ -242,6 +242,9 @@ class TrainConfig:
                                 "package; WANDB_MODE=offline works without a network).")
     wandb_mode: str = _f("online", "W&B mode: online | offline | disabled (WANDB_MODE, when set, wins).")
     progress: bool = _f(True, "Show a progress bar.")
+    fsdp: bool = _f(False, "Data parallel with the policy sharded (FSDP2 fully_shard): parameters, gradients and "
+                           "AdamW state split over the processes during the update, full weights gathered on every "
+                           "process for the rollout (docs/distributed.md). Needs 2 or more processes.")
     threads: int = _f(0, "torch CPU threads for finegrain demo/train/sft; 0 = automatic: the CPUs other jobs leave "
                          "free (FINEGRAIN_THREADS=N|auto|torch and OMP_NUM_THREADS are honoured; finegrain/threads.py).",
                       range="[0, inf)")

@@ -29,6 +29,8 @@ def clip_and_step(params, optimizer, grad_clip: float, where: str) -> float:
     then ``optimizer.step()``. Returns the norm before clipping."""
     params = [p for p in params if p.grad is not None]
     gnorm = torch.nn.utils.clip_grad_norm_(params, grad_clip if grad_clip > 0 else float("inf"))
+    if hasattr(gnorm, "full_tensor"):  # a sharded model's norm is a (replicated) DTensor
+        gnorm = gnorm.full_tensor()
     if not bool(torch.isfinite(gnorm)):
         optimizer.zero_grad(set_to_none=True)
         raise NonFiniteError(f"{where}: gradient norm is {float(gnorm)}; stopped before the optimizer step, "

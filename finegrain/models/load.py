@@ -120,17 +120,9 @@ def load_pretrained(path: str, dtype: str = "float32", device: str = "auto", *, 
     return load_causal_lm(path, dtype, device, trust_remote_code=trust_remote_code, where=where), tok
 
 
-def load_weights_into(model, directory: Path) -> None:
-    """Copy saved safetensors weights into an existing model (keeps device and dtype); a LoRA
-    model gets its adapters back from an adapter directory (``lora.load_adapters``)."""
+def read_weights(directory: Path) -> dict[str, torch.Tensor]:
+    """Every tensor of the ``*.safetensors`` files of a model directory (never a pickle)."""
     from safetensors.torch import load_file
-
-    if is_lora(model):
-        load_adapters(model, directory)
-        return
-    if has_adapters(directory):
-        raise ValueError(f"checkpoint {directory}: holds LoRA adapters (adapter_config.json), but the model has none "
-                         f"(model.lora.enabled is false)")
 
     files = sorted(Path(directory).glob("*.safetensors"))
     if not files:
@@ -138,7 +130,20 @@ def load_weights_into(model, directory: Path) -> None:
     sd = {}
     for f in files:
         sd.update(load_file(str(f)))
-    missing, unexpected = model.load_state_dict(sd, strict=False)
+    return sd
+
+
+def load_weights_into(model, directory: Path) -> None:
+    """Copy saved safetensors weights into an existing model (keeps device and dtype); a LoRA
+    model gets its adapters back from an adapter directory (``lora.load_adapters``)."""
+    if is_lora(model):
+        load_adapters(model, directory)
+        return
+    if has_adapters(directory):
+        raise ValueError(f"checkpoint {directory}: holds LoRA adapters (adapter_config.json), but the model has none "
+                         f"(model.lora.enabled is false)")
+
+    missing, unexpected = model.load_state_dict(read_weights(directory), strict=False)
     # tied embeddings are saved once; lm_head.weight is then legitimately missing
     missing = [m for m in missing if m != "lm_head.weight"]
     if missing or unexpected:

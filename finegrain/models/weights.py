@@ -5,7 +5,8 @@
 checkpoint (``model.layers.0.self_attn.q_proj.weight``, ``lm_head.weight``), detached, on the
 model's device and dtype. A model with LoRA adapters (a peft model, ``finegrain/models/lora.py``)
 yields the merged weights W + (α/r)·B·A under the base names, so the engine never sees adapter
-tensors, and the trained model is not changed.
+tensors, and the trained model is not changed. A sharded model (``train.fsdp``) yields its full
+tensors, gathered from every rank.
 """
 
 from __future__ import annotations
@@ -23,5 +24,19 @@ def engine_weights(model) -> Iterator[tuple[str, torch.Tensor]]:
     if is_lora(model):
         yield from merged_weights(model)
         return
+    if _is_sharded(model):  # train.fsdp: gather the full tensors (a collective: every rank syncs together)
+        from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
+
+        yield from get_model_state_dict(model, options=StateDictOptions(full_state_dict=True)).items()
+        return
     for name, t in model.state_dict().items():
         yield name, t.detach()
+
+
+def _is_sharded(model) -> bool:
+    """True if ``model`` is sharded by FSDP2 (``fully_shard``), whatever state its modules are in."""
+    try:
+        from torch.distributed.fsdp import FSDPModule
+    except ImportError:  # a torch built without distributed
+        return False
+    return isinstance(model, FSDPModule)

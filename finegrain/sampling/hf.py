@@ -88,7 +88,10 @@ class HFSampler:
             input_ids=prompt_ids, attention_mask=prompt_mask.long(), do_sample=not greedy,
             temperature=None if greedy else sp.temperature, top_p=None if greedy else sp.top_p,
             top_k=None if greedy else sp.top_k, max_new_tokens=sp.max_new_tokens,
-            output_logits=keep_logits, return_dict_in_generate=True, pad_token_id=pad, eos_token_id=stops, **extra)
+            output_logits=keep_logits, return_dict_in_generate=True, pad_token_id=pad, eos_token_id=stops,
+            # each process generates alone: a sharded policy (train.fsdp) is whole for the rollout, so
+            # transformers' lock-step "synced_gpus" loop (its default for FSDP modules) must stay off
+            synced_gpus=False, **extra)
         new = gen.sequences[:, P:]  # (b, L)
         lengths, finish = self._cut(new, sp)
         L = new.shape[1]

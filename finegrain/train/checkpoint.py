@@ -35,11 +35,14 @@ _NAME = re.compile(r"step_(\d{6,})")
 STATE_FILE = "state.pt"
 
 
-def save_checkpoint(out_dir: Path, step: int, models: dict, state: dict, keep: int = 2) -> Path:
+def save_checkpoint(out_dir: Path, step: int, models: dict, state: dict, keep: int = 2,
+                    state_dicts: dict | None = None) -> Path:
     """Write ``checkpoints/step_<step>`` atomically, point ``latest`` at it, prune older ones.
 
     ``models`` maps a sub-directory name to (model, tokenizer or None); ``state`` is a dict of
-    tensors and plain values (optimizer and scheduler state dicts, counters).
+    tensors and plain values (optimizer and scheduler state dicts, counters). ``state_dicts``
+    gives, per name, the weights to write instead of the model's own (a sharded model's gathered
+    full state dict).
     """
     root = Path(out_dir) / "checkpoints"
     ck = root / f"step_{step:06d}"
@@ -50,6 +53,8 @@ def save_checkpoint(out_dir: Path, step: int, models: dict, state: dict, keep: i
     for name, (model, tok) in models.items():
         if is_lora(model):  # adapters only (adapter_model.safetensors + adapter_config.json)
             save_adapters(model, tmp / name)
+        elif state_dicts and name in state_dicts:
+            model.save_pretrained(tmp / name, state_dict=state_dicts[name])
         else:
             model.save_pretrained(tmp / name)
         if tok is not None:

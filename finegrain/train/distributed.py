@@ -14,6 +14,24 @@ ranks of the per-rank gradients is exactly the gradient of the global minibatch'
 
 Averaging would be right only when every rank holds the same number of trained tokens, which
 variable-length responses never do.
+
+Sharded (``train.fsdp``, FSDP2's ``fully_shard``; Zhao et al. 2023, "PyTorch FSDP", arXiv:2304.11277):
+every decoder layer and then the root module are sharded, so each rank keeps 1/world of the
+parameters, gradients and AdamW moments. The gradient reduce-scatter is told to sum, not average
+(divide factor 1), for the reason above. The policy lives in two states:
+
+* **rollout** (``for_rollout``): every FSDP module is unsharded (all-gathered once) and kept so, so
+  generation, scoring and evaluation run forwards on full weights without any collective; ranks
+  may then run different numbers of forwards (generation stops at different lengths, rank 0
+  alone evaluates). This is the colocated layout of verl's hybrid engine: full weights for the
+  rollout, shards for the update.
+* **update** (``for_update``, inside ``policy_update``): resharded; each forward/backward
+  all-gathers a layer and reduce-scatters its gradient, so every rank must run the same number of
+  micro-batches. ``check_data_parallel`` guarantees it: equal prompts per rank, no filters, a fixed
+  group size, so every rank holds the same number of rows, and ``policy_update`` checks that too.
+
+Checkpoints hold the full model and the full optimizer state (gathered from the shards, keyed by
+parameter name), written by rank 0; a resume reads them on every rank and each keeps its shard.
 """
 
 from __future__ import annotations
@@ -28,6 +46,7 @@ import torch
 class DataParallel:
     rank: int = 0
     world: int = 1
+    fsdp: bool = False  # the policy is sharded over the ranks (train.fsdp)
 
     @property
     def enabled(self) -> bool:
@@ -38,15 +57,28 @@ class DataParallel:
         return self.rank == 0
 
     @classmethod
-    def from_env(cls) -> "DataParallel":
+    def from_env(cls, fsdp: bool = False) -> "DataParallel":
+        """Join the process group the launcher describes (WORLD_SIZE > 1), or the single process.
+        ``fsdp``: ``train.fsdp``. Refused in one line: DeepSpeed launches, accelerate's FSDP launch
+        without ``train.fsdp``, and ``train.fsdp`` in one process."""
         world = int(os.environ.get("WORLD_SIZE", "1") or 1)
+        if _env_true("ACCELERATE_USE_DEEPSPEED"):
+            raise ValueError("accelerate launch: DeepSpeed is not supported by finegrain's trainer; shard with "
+                             "train.fsdp=true (examples/accelerate/gpu_fsdp.yaml) or replicate "
+                             "(examples/accelerate/gpu_ddp.yaml)")
+        if _env_true("ACCELERATE_USE_FSDP") and not fsdp:
+            raise ValueError("train.fsdp: launched with accelerate's FSDP config (ACCELERATE_USE_FSDP=true) but "
+                             "train.fsdp is false; add train.fsdp=true")
+        if fsdp and world <= 1:
+            raise ValueError("train.fsdp: needs 2 or more processes (accelerate launch --config_file "
+                             "examples/accelerate/cpu_2proc.yaml -m finegrain train CONFIG train.fsdp=true)")
         if world <= 1:
             return cls()
         import torch.distributed as dist
 
         if not dist.is_initialized():
             dist.init_process_group("nccl" if torch.cuda.is_available() else "gloo")
-        return cls(rank=dist.get_rank(), world=dist.get_world_size())
+        return cls(rank=dist.get_rank(), world=dist.get_world_size(), fsdp=fsdp)
 
     def all_sum(self, x: torch.Tensor) -> torch.Tensor:
         """Σ over ranks of a tensor (a copy; the input is unchanged)."""
@@ -61,7 +93,7 @@ class DataParallel:
     def sum_grads(self, params) -> None:
         """Replace every parameter's gradient by its sum over ranks (None counts as zeros, so ranks
         whose shard was empty still join the collective)."""
-        if not self.enabled:
+        if not self.enabled or self.fsdp:  # FSDP summed them in its reduce-scatter (divide factor 1)
             return
         import torch.distributed as dist
 
@@ -110,6 +142,108 @@ class DataParallel:
         return out
 
 
+    # ---- sharded policy (train.fsdp)
+
+    def shard_model(self, model):
+        """Shard ``model`` in place with FSDP2 (each decoder layer, then the root), gradients summed
+        over ranks. Build the optimizer now, while ``model.parameters()`` are the shards (DTensors),
+        then call ``for_rollout``: in the rollout state the modules hold plain unsharded tensors."""
+        from torch.distributed.fsdp import fully_shard
+
+        layers = getattr(getattr(model, "model", None), "layers", None)  # Llama / Qwen2 / Mistral layout
+        for layer in layers if layers is not None else []:
+            fully_shard(layer)
+        fully_shard(model)
+        for m in _fsdp_modules(model):
+            m.set_gradient_divide_factor(1.0)         # sum, not average (module docstring)
+            m.set_force_sum_reduction_for_comms(True)  # as a plain SUM: gloo has no pre-multiplied sum
+        return model
+
+    def for_update(self, model) -> None:
+        """Sharded: the unsharded weights are freed; forwards gather layer by layer (a collective)."""
+        if self.fsdp:
+            for m in _fsdp_modules(model):
+                m.reshard()
+                m.set_reshard_after_forward(True)
+
+    def for_rollout(self, model) -> None:
+        """Full weights on every rank (one all-gather, on every rank at the same point), kept until
+        ``for_update``: forwards then need no collective."""
+        if self.fsdp:
+            mods = _fsdp_modules(model)
+            for m in mods:
+                m.set_reshard_after_forward(False)
+            for m in mods:
+                m.unshard()
+
+    def model_state(self, model) -> dict | None:
+        """The full state dict of a sharded ``model`` on rank 0 (CPU tensors; {} on the other
+        ranks, which must call too: it is a collective); None when not sharded."""
+        if not self.fsdp:
+            return None
+        from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
+
+        self.for_update(model)
+        state = get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+        self.for_rollout(model)
+        return state
+
+    def load_model_state(self, model, state: dict) -> None:
+        """Load a full state dict (read on every rank) into sharded ``model``; each rank keeps its shard."""
+        from torch.distributed.checkpoint.state_dict import StateDictOptions, set_model_state_dict
+
+        self.for_update(model)
+        missing, unexpected = set_model_state_dict(model, state, options=StateDictOptions(full_state_dict=True,
+                                                                                          strict=False))
+        self.for_rollout(model)
+        missing = [m for m in missing if m != "lm_head.weight"]  # tied embeddings are saved once
+        if missing or unexpected:
+            raise RuntimeError(f"checkpoint: weights missing {missing[:3]}, unexpected {unexpected[:3]}")
+
+    def optimizer_state(self, model, optimizer) -> dict:
+        """What a checkpoint saves of ``optimizer``: its state dict, or for a sharded model the full
+        state gathered from the shards, keyed by parameter name (a collective; complete on rank 0)."""
+        if not self.fsdp:
+            return optimizer.state_dict()
+        from torch.distributed.checkpoint.state_dict import StateDictOptions, get_optimizer_state_dict
+
+        self.for_update(model)  # the modules must hold the shards the optimizer holds (names → parameters)
+        state = get_optimizer_state_dict(model, optimizer,
+                                         options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+        self.for_rollout(model)
+        return state
+
+    def load_optimizer_state(self, model, optimizer, state: dict) -> None:
+        """Inverse of ``optimizer_state`` (every rank passes the full state it read)."""
+        if not self.fsdp:
+            optimizer.load_state_dict(state)
+            return
+        from torch.distributed.checkpoint.state_dict import StateDictOptions, set_optimizer_state_dict
+
+        self.for_update(model)
+        set_optimizer_state_dict(model, optimizer, state, options=StateDictOptions(full_state_dict=True))
+        self.for_rollout(model)
+
+    def check_same_rows(self, rows: int) -> None:
+        """Sharded updates need the same number of micro-batches on every rank: refuse unequal shards
+        (one line) instead of hanging in a collective."""
+        if self.fsdp:
+            total = int(self.all_sum(torch.tensor(rows)))
+            if total != rows * self.world:
+                raise RuntimeError(f"train.fsdp: this rank holds {rows} rows of {total} across {self.world} "
+                                   f"processes; sharded updates need equal shards")
+
+
+def _env_true(name: str) -> bool:
+    return os.environ.get(name, "").strip().lower() in ("1", "true", "yes")
+
+
+def _fsdp_modules(model) -> list:
+    from torch.distributed.fsdp import FSDPModule
+
+    return [m for m in model.modules() if isinstance(m, FSDPModule)]
+
+
 SINGLE = DataParallel()
 
 
@@ -123,6 +257,9 @@ def check_data_parallel(cfg, dp: DataParallel) -> None:
                          "filtered out would skip the gradient sum); use filters.filters=[] or one process")
     if cfg.critic.enabled:
         raise ValueError("critic.enabled: data parallel does not train a critic yet; use one process")
+    if dp.fsdp and cfg.model.lora.enabled:
+        raise ValueError("train.fsdp: not supported with model.lora.enabled (the reference shares the LoRA "
+                         "policy's base modules); use plain data parallel")
     from finegrain.rewards import REWARDS
 
     for r in cfg.rewards:

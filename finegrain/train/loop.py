@@ -23,14 +23,14 @@ from finegrain.config import RunConfig, dump_config, to_dict, validate
 from finegrain.eval.runner import evaluate
 from finegrain.masked import masked_mean
 from finegrain.train import rundir
-from finegrain.models.load import load_weights_into
+from finegrain.models.load import load_weights_into, read_weights
 from finegrain.train.checkpoint import save_checkpoint
 from finegrain.train.distributed import SINGLE, DataParallel, check_data_parallel
 from finegrain.guards import check_finite
 from finegrain.lock import RunLock
 from finegrain.train.logging import RunLogger, prefixed, read_log, require_wandb, wandb_settings
 from finegrain.progress import Progress
-from finegrain.train.stages import (build_run, collect_batch, compute_advantages, rollout_metrics, score_batch, task_for,
+from finegrain.train.stages import (build_policy, build_run, collect_batch, compute_advantages, rollout_metrics, score_batch, task_for,
                                     update_critic, update_policy, update_reward_models)
 
 
@@ -80,7 +80,7 @@ def train(cfg: RunConfig, *, stop_after: int | None = None, log: Callable[[str],
     locked for the whole call; how an existing run there is continued is ``train/rundir.py``.
     """
     validate(cfg)
-    dp = DataParallel.from_env()
+    dp = DataParallel.from_env(fsdp=cfg.train.fsdp)
     if dp.enabled:
         check_data_parallel(cfg, dp)
         if not dp.is_main:  # rank 0 locks, writes logs and checkpoints; the others only compute
@@ -96,7 +96,8 @@ def _train(cfg: RunConfig, out: Path, stop_after: int | None, log: Callable[[str
     require_wandb(cfg)
     resume = rundir.prepare(cfg, out, log, record=dp.is_main)  # refusals happen here, before any model is loaded
     if dp.enabled and dp.is_main:
-        log(f"data parallel: {dp.world} processes, {cfg.rollout.prompts_per_step // dp.world} prompts each per step")
+        log(f"data parallel: {dp.world} processes, {cfg.rollout.prompts_per_step // dp.world} prompts each per step"
+            f"{', policy sharded (FSDP2)' if dp.fsdp else ''}")
         dp.barrier()
     if resume.finished is not None:
         return resume.finished
@@ -111,12 +112,24 @@ def _train(cfg: RunConfig, out: Path, stop_after: int | None, log: Callable[[str
         raise ValueError(f"rollout.prompts_per_step: {cfg.rollout.prompts_per_step} exceeds the {len(pool)} training "
                          f"problems of task '{cfg.task.name}'")
     eval_set = task.examples("test", cfg.eval.n_problems)
-    run = build_run(cfg, task, log, dp=dp)  # rank 0 first: a tiny model's SFT warm start is cached once
+    # data parallel: rank 0 builds the policy first, the others after it. A tiny model's SFT warm
+    # start is then trained and cached once, and by rank 0, the only rank on which transformers'
+    # save_pretrained writes weights once a process group exists (a cache written by another rank
+    # would hold no weights).
+    if dp.enabled and not dp.is_main:
+        dp.barrier()
+    policy = build_policy(cfg, task, log)
+    if dp.enabled and dp.is_main:
+        dp.barrier()
+    run = build_run(cfg, task, log, policy=policy, dp=dp)
 
     start, ck, resumed_state = 0, resume.checkpoint, resume.state
     if ck is not None:
-        load_weights_into(run.policy, ck / "policy")
-        run.optimizer.load_state_dict(resumed_state["optimizer"])
+        if dp.fsdp:  # every rank reads the full weights and keeps its shard
+            dp.load_model_state(run.policy, read_weights(ck / "policy"))
+        else:
+            load_weights_into(run.policy, ck / "policy")
+        dp.load_optimizer_state(run.policy, run.optimizer, resumed_state["optimizer"])
         run.scheduler.load_state_dict(resumed_state["scheduler"])
         if resume.changes:  # train.resume=force: the new optimizer settings win over the saved ones
             apply_optim_config(run.optimizer, run.scheduler, cfg)
@@ -146,6 +159,8 @@ def _train(cfg: RunConfig, out: Path, stop_after: int | None, log: Callable[[str
     if not dp.is_main:  # the other ranks take the same steps on their shards: no eval, log or checkpoint
         for step in range(start, cfg.train.steps):
             dp.reduce_metrics(one_step(cfg, run, pool, step, log))
+            if _save_due(cfg, step + 1):
+                _save(out, step + 1, run, {})  # joins the gathers of a sharded policy; rank 0 writes
             if stop_after is not None and step + 1 >= stop_after:
                 return {"stopped_at": step + 1}
         return {}
@@ -171,7 +186,7 @@ def _train(cfg: RunConfig, out: Path, stop_after: int | None, log: Callable[[str
             logger.log(step + 1, row)
             acc = row.get("filter/sampled_accuracy", float("nan"))
             bar.update(step + 1, info=f"acc {acc:.2f}  loss {row.get('loss/loss', 0):.3f}")
-            if (cfg.train.save_every and (step + 1) % cfg.train.save_every == 0) or step + 1 == cfg.train.steps:
+            if _save_due(cfg, step + 1):
                 _save(out, step + 1, run, before)
             if stop_after is not None and step + 1 >= stop_after:
                 logger.close()
@@ -238,9 +253,20 @@ def one_step(cfg: RunConfig, run, pool: list, step: int, log: Callable[[str], No
     return row
 
 
+def _save_due(cfg: RunConfig, step: int) -> bool:
+    """Checkpoint after ``step``: every ``train.save_every`` steps and after the last."""
+    return bool(cfg.train.save_every and step % cfg.train.save_every == 0) or step == cfg.train.steps
+
+
 def _save(out: Path, step: int, run, before: dict) -> None:
+    """Checkpoint the run (rank 0 writes). Every rank calls it: a sharded policy's weights and
+    optimizer state are gathered from all of them first."""
+    policy_state = run.dp.model_state(run.policy)  # None unless sharded
+    optimizer_state = run.dp.optimizer_state(run.policy, run.optimizer)
+    if not run.dp.is_main:
+        return
     models = {"policy": (run.policy, run.tokenizer)}
-    state = {"optimizer": run.optimizer.state_dict(), "scheduler": run.scheduler.state_dict(), "eval_before": before,
+    state = {"optimizer": optimizer_state, "scheduler": run.scheduler.state_dict(), "eval_before": before,
              "signals": {}, "config": to_dict(run.cfg), "threads": torch.get_num_threads(),
              "reward_state": {n: s.state_dict() for n, s in run.stateful.items()},
              "filter_state": {k: f.state_dict() for k, f in run.stateful_filters.items()}}
@@ -251,4 +277,4 @@ def _save(out: Path, step: int, run, before: dict) -> None:
     if run.critic is not None:
         model, state["critic"] = run.critic.state_dict_for_checkpoint()
         models["critic"] = (model, None)
-    save_checkpoint(out, step, models, state)
+    save_checkpoint(out, step, models, state, state_dicts={"policy": policy_state} if policy_state is not None else None)

@@ -174,6 +174,8 @@ def build_run(cfg: RunConfig, task, log: Callable[[str], None], *, policy: tuple
 
     def initial_policy():
         if "m" not in initial:
+            if dp.fsdp and "sharded" in initial:  # a copy of a sharded model would hold shards only
+                raise RuntimeError("train.fsdp: the initial policy was asked for after the policy was sharded")
             initial["m"] = frozen_copy(policy)
         return initial["m"]
 
@@ -192,8 +194,12 @@ def build_run(cfg: RunConfig, task, log: Callable[[str], None], *, policy: tuple
             stateful_filters[f"{i}:{spec.name}"] = obj
         else:
             filters.append((spec.name, FILTERS.get(spec.name), spec.kwargs))
-    optimizer = torch.optim.AdamW([p for p in policy.parameters() if p.requires_grad], lr=cfg.optim.lr, weight_decay=cfg.optim.weight_decay,
-                                  betas=tuple(cfg.optim.betas))
+    if dp.fsdp:  # after every component that copies the policy; the optimizer then holds the shards
+        dp.shard_model(policy)
+        initial["sharded"] = True
+    optimizer = torch.optim.AdamW([p for p in policy.parameters() if p.requires_grad], lr=cfg.optim.lr,
+                                  weight_decay=cfg.optim.weight_decay, betas=tuple(cfg.optim.betas))
+    dp.for_rollout(policy)  # a sharded policy: full weights for the rollout (the optimizer holds the shards)
     critic = (Critic.build(cfg.critic.init, policy, tok, lr=cfg.critic.lr, size=cfg.critic.size,
                            family=cfg.model.family, seed=cfg.train.seed) if needs_values(cfg) else None)
     return Run(cfg=cfg, task=task, policy=policy, tokenizer=tok, init_info=init_info, engine=engine, ref=ref,

@@ -50,7 +50,8 @@ def policy_update(policy, optimizer, traj: Trajectory, advantages: torch.Tensor,
     Data parallel (``dp``, ``finegrain/train/distributed.py``): ``traj`` is this rank's shard; the
     minibatch weight is summed over ranks and so are the gradients before the step, which makes
     the step equal to one process's on the global batch (with ``minibatches`` 1: the minibatch
-    draws are per shard).
+    draws are per shard). With ``dp.fsdp`` the policy is resharded for the update and gathered
+    again after it; FSDP's reduce-scatter sums the gradients.
     """
     loss_fn = POLICY_LOSSES.get(loss_cfg.name)
     agg_fn = AGGREGATIONS.get(loss_cfg.aggregation)
@@ -60,6 +61,8 @@ def policy_update(policy, optimizer, traj: Trajectory, advantages: torch.Tensor,
     B, L = traj.response_ids.shape
     sums: dict[str, float] = {}
     count = 0
+    dp.check_same_rows(B)
+    dp.for_update(policy)  # a sharded policy (train.fsdp) trains on its shards, gathered layer by layer
     policy.train()
     for _ in range(ppo_epochs):
         perm = torch.randperm(B, generator=generator)
@@ -100,6 +103,7 @@ def policy_update(policy, optimizer, traj: Trajectory, advantages: torch.Tensor,
             dp.sum_grads(policy.parameters())
             gnorm = clip_and_step(policy.parameters(), optimizer, grad_clip, "policy update")
             sums["grad_norm"] = sums.get("grad_norm", 0.0) + gnorm * grad_accum
+    dp.for_rollout(policy)  # full weights again for the next rollout
     return {k: v / max(count, 1) for k, v in sums.items()}
 
 

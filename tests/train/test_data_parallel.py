@@ -80,3 +80,66 @@ def test_single_process_split_is_unchanged():
     assert [len(c) for c in DataParallel().split(perm, 4)] == [3, 3, 3, 1]  # torch.chunk, as before
     assert [len(c) for c in DataParallel(rank=0, world=2).split(perm, 4)] == [3, 3, 2, 2]
     assert [len(c) for c in DataParallel(rank=0, world=2).split(torch.arange(1), 3)] == [1, 0, 0]
+
+
+def _fsdp_worker(rank, world, init_file, out_dir):
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world)
+    try:
+        model, traj, adv, old = _setup()
+        mine = torch.arange(rank, 10, world)  # equal shards: sharded updates need them
+        dp = DataParallel(rank=rank, world=world, fsdp=True)
+        names = [n for n, _ in model.named_parameters()]
+        results = []
+        for mode, accum, epochs in CASES:
+            m = copy.deepcopy(model)
+            dp.shard_model(m)
+            opt = torch.optim.SGD(m.parameters(), lr=0.5)
+            policy_update(m, opt, traj.select(mine), adv[mine], old_logprobs=old[mine] if epochs > 1 else None,
+                          ref_logprobs=None, loss_cfg=LossConfig(aggregation=mode), ppo_epochs=epochs, minibatches=1,
+                          grad_accum=accum, temperature=1.0, grad_clip=0.5, max_new_tokens=6,
+                          generator=torch.Generator().manual_seed(0), dp=dp)
+            full = dp.model_state(m)  # rank 0 only (CPU)
+            results.append([full[n].clone() for n in names] if rank == 0 else [])
+            # every rank can run a different number of forwards in the rollout state
+            with torch.no_grad():
+                for _ in range(1 + 2 * rank):
+                    m(input_ids=traj.input_ids[:2])
+            # what the optimizer holds (and keeps moments of): this rank's shards
+            shard_numel = sum(p.to_local().numel() for g in opt.param_groups for p in g["params"])
+            results[-1].append(torch.tensor(shard_numel))
+        torch.save(results, os.path.join(out_dir, f"fsdp{rank}.pt"))
+    finally:
+        dist.destroy_process_group()
+
+
+def test_sharded_two_ranks_equal_one_process_on_the_global_batch(tmp_path):
+    """train.fsdp: two ranks each holding about half of every parameter end with the parameters of
+    one process updating on the whole batch, for every aggregation, accumulation and epoch case."""
+    model, traj, adv, old = _setup()
+    single = [_update(model, traj, adv, old, mode, accum, epochs, DataParallel()) for mode, accum, epochs in CASES]
+    init_file = tempfile.mktemp(dir=tmp_path)
+    mp.start_processes(_fsdp_worker, args=(2, init_file, str(tmp_path)), nprocs=2, join=True, start_method="spawn")
+    got = torch.load(tmp_path / "fsdp0.pt", weights_only=True)
+    total = sum(p.numel() for p in model.parameters())
+    for case, want, have in zip(CASES, single, got):
+        *params, shard_numel = have
+        assert int(shard_numel) < 0.6 * total, case  # rank 0 holds about half of the parameters
+        for w, h in zip(want, params, strict=True):
+            torch.testing.assert_close(h, w, rtol=1e-5, atol=1e-6, msg=lambda m: f"{case}: {m}")
+    other = torch.load(tmp_path / "fsdp1.pt", weights_only=True)
+    assert all(int(r[-1]) < 0.6 * total for r in other)
+
+
+@pytest.mark.parametrize("env, fsdp, message", [
+    ({"ACCELERATE_USE_DEEPSPEED": "true"}, False, r"^accelerate launch: DeepSpeed is not supported"),
+    ({"ACCELERATE_USE_FSDP": "true", "WORLD_SIZE": "2"}, False, r"^train.fsdp: launched with accelerate's FSDP config"),
+    ({}, True, r"^train.fsdp: needs 2 or more processes"),
+])
+def test_launches_finegrain_does_not_honour_are_refused_in_one_line(monkeypatch, env, fsdp, message):
+    for k in ("ACCELERATE_USE_DEEPSPEED", "ACCELERATE_USE_FSDP", "WORLD_SIZE"):
+        monkeypatch.delenv(k, raising=False)
+    for k, v in env.items():
+        monkeypatch.setenv(k, v)
+    with pytest.raises(ValueError, match=message):
+        DataParallel.from_env(fsdp=fsdp)
