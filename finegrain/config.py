@@ -505,6 +505,12 @@ def _check_groups(cfg: RunConfig) -> None:
         if FILTERS.meta(name).get("needs_groups"):
             raise ValueError(f"filters.filters[{i}]: '{name}' compares samples of a prompt, but rollout.group_size is "
                              f"{cfg.rollout.group_size}; use group_size ≥ 2")
+    from finegrain.rewards import REWARDS
+
+    for i, r in enumerate(cfg.rewards):
+        if REWARDS.meta(r.name).get("needs_groups"):
+            raise ValueError(f"rewards[{i}].name: '{r.name}' compares samples of a prompt, but rollout.group_size is "
+                             f"{cfg.rollout.group_size}; use group_size ≥ 2")
     for where, name in ests:
         if ADVANTAGES.meta(name).get("needs_groups"):
             raise ValueError(f"{where}: '{name}' is group-relative and needs rollout.group_size ≥ 2, got "

@@ -394,13 +394,15 @@ class RuleJudge:
         for q in requests:
             key = (id(q.example), q.response)  # the steps of one response share its labels
             if key not in labelled:
-                labelled[key] = self.task.label_steps(q.example, q.response).labels
-            labels = labelled[key]
+                labelled[key] = self.task.label_steps(q.example, q.response)
+            labels, first_error = labelled[key].labels, labelled[key].first_error
             ids = {it.id for it in q.items}
             scores: dict[str, int] = {}
             if "correct" in ids:
                 if q.step is None:
-                    scores["correct"] = int(bool(labels) and all(lab == STEP_CORRECT for lab in labels))
+                    # the task's own rule for "no step is wrong" (GSM8K: a line without arithmetic
+                    # is not an error; arith: it is), not "every label is CORRECT"
+                    scores["correct"] = int(bool(labels) and first_error is None)
                 elif q.step < len(labels):
                     scores["correct"] = int(labels[q.step] == STEP_CORRECT)
             if "answer" in ids and q.step is None:
@@ -440,6 +442,62 @@ class ServerJudge:
 
     def generate(self, requests: Sequence[JudgeRequest]) -> list[str]:
         return [a.text for a in self.sampler.complete_texts([q.prompt for q in requests], self.params, self.seed)]
+
+
+def model_backend(ctx, backend: str, params: SamplingParams, *, where: str, model_path: str = "",
+                  base_url: str = "", model: str = "", endpoint: str = "chat", api_key_env: str = "OPENAI_API_KEY",
+                  timeout: float = 60.0, max_retries: int = 2, max_concurrency: int = 4, seed: int = 0):
+    """An ``hf`` (``model_path``, "" = the frozen starting policy) or ``openai`` judge backend;
+    ``where`` names the signal in errors. Shared by every judge-style signal (``think_rm`` too)."""
+    if backend == "hf":
+        if model_path:
+            from finegrain.models.load import load_pretrained
+
+            jm, jt = load_pretrained(model_path, device=ctx.cfg.model.device, where=f"{where}.model_path")
+        else:  # the frozen starting policy: a judge that does not drift with the policy it grades
+            jm, jt = ctx.initial_policy(), ctx.tokenizer
+        return HFJudge(jm, jt, params, name=model_path or "initial_policy", seed=seed)
+    if backend == "openai":
+        sampler = SAMPLERS.get("openai")(None, None, base_url=base_url or None, model_name=model or None,
+                                         endpoint=endpoint, api_key_env=api_key_env, timeout=timeout,
+                                         max_retries=max_retries, max_concurrency=max_concurrency)
+        return ServerJudge(sampler, params, seed=seed)
+    raise ValueError(f"{where}: backend must be 'rule', 'hf' or 'openai', got '{backend}'")
+
+
+def cached_generate(backend, cache: OrderedDict, requests: Sequence, *, batch_size: int,
+                    cache_size: int) -> tuple[list[str], list[bool]]:
+    """The backend's texts for ``requests`` (anything with a ``.prompt``) and whether each came
+    from ``cache``: an LRU of at most ``cache_size`` texts keyed by (backend key, prompt), updated
+    in place; unique uncached prompts go to the backend ``batch_size`` at a time."""
+    keys = [(backend.key, q.prompt) for q in requests]
+    hit = [False] * len(requests)
+    todo: dict[tuple[str, str], Any] = {}
+    for i, (k, q) in enumerate(zip(keys, requests)):
+        if k in cache or k in todo:
+            hit[i] = True
+        else:
+            todo[k] = q
+    pending = list(todo.items())
+    fresh: dict[tuple[str, str], str] = {}
+    for s in range(0, len(pending), batch_size):
+        chunk = pending[s:s + batch_size]
+        for (k, _), text in zip(chunk, backend.generate([q for _, q in chunk])):
+            fresh[k] = text
+    texts = []
+    for k in keys:
+        if k in fresh:
+            text = fresh[k]
+        else:
+            text = cache[k]
+            cache.move_to_end(k)
+        texts.append(text)
+    for k, text in fresh.items():
+        if cache_size > 0:
+            cache[k] = text
+            while len(cache) > cache_size:
+                cache.popitem(last=False)
+    return texts, hit
 
 
 # --------------------------------------------------------------------------------- the reward
@@ -502,21 +560,10 @@ class Judge:
         params = SamplingParams(temperature=temperature, max_new_tokens=max_new_tokens, logprobs=False)
         if backend == "rule":
             judge = RuleJudge(ctx.task)
-        elif backend == "hf":
-            if model_path:
-                from finegrain.models.load import load_pretrained
-
-                jm, jt = load_pretrained(model_path, device=ctx.cfg.model.device, where="judge.model_path")
-            else:  # the frozen starting policy: a judge that does not drift with the policy it grades
-                jm, jt = ctx.initial_policy(), ctx.tokenizer
-            judge = HFJudge(jm, jt, params, name=model_path or "initial_policy", seed=seed)
-        elif backend == "openai":
-            sampler = SAMPLERS.get("openai")(None, None, base_url=base_url or None, model_name=model or None,
-                                             endpoint=endpoint, api_key_env=api_key_env, timeout=timeout,
-                                             max_retries=max_retries, max_concurrency=max_concurrency)
-            judge = ServerJudge(sampler, params, seed=seed)
         else:
-            raise ValueError(f"judge: backend must be 'rule', 'hf' or 'openai', got '{backend}'")
+            judge = model_backend(ctx, backend, params, where="judge", model_path=model_path, base_url=base_url,
+                                  model=model, endpoint=endpoint, api_key_env=api_key_env, timeout=timeout,
+                                  max_retries=max_retries, max_concurrency=max_concurrency, seed=seed)
         rubric = load_rubric(rubric_file) if rubric_file else Rubric()
         return cls(judge, ctx.task, level=level, rubric=rubric, meta_key=meta_key, fallback=fallback,
                    missing_item_score=missing_item_score, pass_threshold=pass_threshold, correct=correct, wrong=wrong,
@@ -536,36 +583,9 @@ class Judge:
         return _fill(self.template, **fields)
 
     def judge(self, requests: Sequence[JudgeRequest]) -> tuple[list[str], list[bool]]:
-        """Verdict texts of ``requests`` and whether each came from the cache: unique uncached
-        prompts go to the backend ``batch_size`` at a time."""
-        keys = [(self.backend.key, q.prompt) for q in requests]
-        hit = [False] * len(requests)
-        todo: dict[tuple[str, str], JudgeRequest] = {}
-        for i, (k, q) in enumerate(zip(keys, requests)):
-            if k in self._cache or k in todo:
-                hit[i] = True
-            else:
-                todo[k] = q
-        pending = list(todo.items())
-        fresh: dict[tuple[str, str], str] = {}
-        for s in range(0, len(pending), self.batch_size):
-            chunk = pending[s:s + self.batch_size]
-            for (k, _), text in zip(chunk, self.backend.generate([q for _, q in chunk])):
-                fresh[k] = text
-        texts = []
-        for k in keys:
-            if k in fresh:
-                text = fresh[k]
-            else:
-                text = self._cache[k]
-                self._cache.move_to_end(k)
-            texts.append(text)
-        for k, text in fresh.items():
-            if self.cache_size > 0:
-                self._cache[k] = text
-                while len(self._cache) > self.cache_size:
-                    self._cache.popitem(last=False)
-        return texts, hit
+        """Verdict texts of ``requests`` and whether each came from the cache (``cached_generate``)."""
+        return cached_generate(self.backend, self._cache, requests, batch_size=self.batch_size,
+                               cache_size=self.cache_size)
 
     def __call__(self, traj) -> RewardOutput:
         B = traj.batch_size
