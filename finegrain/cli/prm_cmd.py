@@ -7,6 +7,7 @@
                         [--labels jsonl|task|mc] [--data FILE.jsonl|MANIFEST.json] [--task arith]
                         [--responses sft|sampled] [--policy PATH] [--mc-rollouts 8] [--mc-mode hard|soft]
                         [--hrm-merge] [--eval-fraction 0.1] [--lr 1e-3] [--epochs 1] ...
+                        [--label-kind steps|factuality|relevance|completeness] [--corrupt-fraction 0.5]
     finegrain prm score --data FILE.jsonl --prm PATH [--ref PATH] --out FILE.jsonl [--beta B]
                         [--aggregate min|sum|mean|last] [--segmenter NAME] [--batch-size 8]
 
@@ -123,6 +124,14 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
     d.add_argument("--mc-mode", default="hard", choices=["hard", "soft"],
                    help="MC label: hard = any rollout right, soft = fraction right (Math-Shepherd)")
     d.add_argument("--hrm-merge", action="store_true", help="also train on HRM merged-step rows (methods.md §19)")
+    d.add_argument("--label-kind", default="steps", choices=["steps", "factuality", "relevance", "completeness"],
+                   help="--labels task: what a label says. steps: the task's label_steps (default); factuality, "
+                        "relevance (per line) or completeness (per response): one Fine-Grained RLHF error kind, "
+                        "exact on arith (finegrain/rewards/fgrlhf_labels.py; docs/algorithms/fine_grained_rlhf.md)")
+    d.add_argument("--corrupt-fraction", type=float, default=0.0,
+                   help="--labels task with --label-kind other than steps: this fraction of the responses gets one "
+                        "corruption (dropped answer, truncation, repeated / restarted / skipped / garbage line), so "
+                        "relevance and completeness see both classes (default 0)")
     d.add_argument("--eval-fraction", type=float, default=0.0,
                    help="rows held out for eval/* metrics (default 0: none)")
     s = sub.add_parser("score", help="token, step and sequence implicit rewards (or a discriminative PRM's step "
@@ -185,7 +194,9 @@ def _train(args) -> None:
     if args.kind == "discriminative":
         return _train_discriminative(args)
     disc_only = [f for f, v in (("--labels", args.labels), ("--tiny", args.tiny), ("--policy", args.policy),
-                                ("--hrm-merge", args.hrm_merge or None)) if v is not None]
+                                ("--hrm-merge", args.hrm_merge or None),
+                                ("--label-kind", None if args.label_kind == "steps" else args.label_kind),
+                                ("--corrupt-fraction", args.corrupt_fraction or None)) if v is not None]
     if disc_only:
         raise ValueError(f"{disc_only[0]}: only with --kind discriminative")
     for flag, value in (("--data", args.data), ("--model", args.model)):
@@ -265,6 +276,12 @@ def _disc_rows(args, log):
     else:
         log(f"sampling {args.samples} responses to each of {len(examples)} problems")
         pairs = sample_responses(sampler, task, examples, n=args.samples, params=params, seed=args.seed)
+    if args.labels == "task" and args.label_kind != "steps":
+        from finegrain.rewards.fgrlhf_labels import corrupted_pairs, kind_rows
+
+        pairs = corrupted_pairs(pairs, args.corrupt_fraction, args.seed)
+        return (kind_rows(task, pairs, args.label_kind), task,
+                f"task {task.name} {args.label_kind} ({args.responses} responses, {args.corrupt_fraction:g} corrupted)")
     if args.labels == "task":
         return task_rows(task, pairs), task, f"task {task.name} label_steps ({args.responses} responses)"
     rows = response_rows(task, pairs)
@@ -297,6 +314,19 @@ def _train_discriminative(args) -> None:
         raise ValueError(f"--policy: required with --labels {args.labels} --responses {args.responses}")
     if not 0.0 <= args.eval_fraction < 1.0:
         raise ValueError(f"--eval-fraction: expected a number in [0, 1), got {args.eval_fraction}")
+    if args.label_kind != "steps":
+        if args.labels != "task":
+            raise ValueError(f"--label-kind: '{args.label_kind}' needs --labels task (exact labels), got --labels "
+                             f"{args.labels}")
+        if args.hrm_merge:
+            raise ValueError("--hrm-merge: only with --label-kind steps")
+        from finegrain.rewards.fgrlhf_labels import check_task
+
+        check_task(_task(args))
+    if not 0.0 <= args.corrupt_fraction <= 1.0:
+        raise ValueError(f"--corrupt-fraction: expected a number in [0, 1], got {args.corrupt_fraction}")
+    if args.corrupt_fraction > 0 and args.label_kind == "steps":
+        raise ValueError("--corrupt-fraction: only with --label-kind factuality | relevance | completeness")
     if args.labels == "jsonl":
         check_input_file("--data", args.data)
     for flag, path in (("--model", args.model), ("--policy", args.policy if needs_policy else None)):
@@ -331,11 +361,18 @@ def _train_discriminative(args) -> None:
         backbone = f"tiny {args.family} {args.tiny} ({args.tokenizer} tokenizer)"
     segmenter = args.segmenter or (task.segmenter if task is not None else "newline")
     info = {"segmenter": segmenter, "labels": source, "backbone": backbone, "hrm_merge": args.hrm_merge,
-            "reading": "scalar head on the last token of each step"}
+            "reading": "scalar head on the last token of each step", "label_kind": args.label_kind}
     log(f"training a discriminative PRM on {len(train_rows)} rows ({len(eval_rows)} held out); labels: {source}")
-    metrics = train_disc_prm(StepClassifier(lm), tok, train_rows, out_dir=out, lr=lr, epochs=args.epochs,
+    model = StepClassifier(lm)
+    metrics = train_disc_prm(model, tok, train_rows, out_dir=out, lr=lr, epochs=args.epochs,
                              batch_size=args.batch_size, grad_clip=args.grad_clip, seed=args.seed,
                              eval_rows=eval_rows, info=info, progress=not args.no_progress, log=log)
+    if args.label_kind != "steps":
+        from finegrain.rewards.fgrlhf import record_logit_stats
+
+        stats = record_logit_stats(model, tok, train_rows, out)
+        log(f"logits over the training rows' labelled steps: mean {stats['logit_mean']:.4f}, "
+            f"std {stats['logit_std']:.4f} (recorded in {out / 'finegrain_prm.json'})")
     keys = [k for k in ("fit/bce", "fit/step_acc", "fit/step_auroc", "eval/step_auroc") if k in metrics]
     print(f"epoch {metrics['epoch']}: " + "  ".join(f"{k} {metrics[k]:.4f}" for k in keys))
     print(f"PRM saved to {out} (metrics: {out / 'prm_metrics.json'})")

@@ -16,3 +16,4 @@ from finegrain.rewards import p2s  # noqa: E402,F401  (registers the P2S path-fa
 from finegrain.rewards import disc_prm  # noqa: E402,F401  (registers the discriminative step-classifier PRM)
 from finegrain.rewards import judge  # noqa: E402,F401  (registers the rubric / checklist judge)
 from finegrain.rewards import think_rm  # noqa: E402,F401  (registers think_rm, Think-RM pairwise judge)
+from finegrain.rewards import fgrlhf  # noqa: E402,F401  (registers fg_rlhf, Fine-Grained RLHF segment reward models)
