@@ -122,6 +122,9 @@ class FinegrainSide:
                 "response_width": float("nan"), "mean_response_tokens": float(row.get("rollout/response_len", "nan")),
                 "reward_mean": float(outcome) if outcome is not None else float("nan"),
                 "generated_rows": row.get("filter/generated_prompts", 0) * self.cfg.rollout.group_size,
+                # sampler vs trainer log-probs on the sampled tokens (docs/algorithms/rollout_correction.md)
+                "mismatch_kl": float(row.get("loss/mismatch_kl", "nan")),
+                "mismatch_max": float(row.get("loss/mismatch_max", "nan")),
                 "prompts": sorted(e.prompt for e in self._gen_examples)}
 
 
@@ -348,8 +351,11 @@ def main(argv=None) -> dict:
         print(f"{p:<10}{vals}{rs}")
     for name in compared:
         s = summary[name]
+        s["mismatch_kl"] = _median([r["mismatch_kl"] for r in timed[name]])
+        s["mismatch_max"] = max(r["mismatch_max"] for r in timed[name])
         print(f"{name}: median per-pair total ratio vs TRL {paired[name]:.2f}; weight sync {s['sync']:.4f}s = "
-              f"{100 * s['sync_share']:.1f}% of its step; fastest step {s['fastest_total']:.3f}s")
+              f"{100 * s['sync_share']:.1f}% of its step; fastest step {s['fastest_total']:.3f}s; sampler/trainer "
+              f"log-prob mismatch: KL {s['mismatch_kl']:.2e} (median), max |diff| {s['mismatch_max']:.2e}")
     for side in cols:
         s = summary[side]
         print(f"{side}: mean response tokens {s['mean_response_tokens']:.1f}, mean reward {s['reward_mean']:.3f}")
