@@ -91,6 +91,9 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
     e.add_argument("--search-problems", type=int, default=100, help="search on the first problems only")
     e.add_argument("--html-problems", type=int, default=20, help="problems shown on report.html")
     e.add_argument("--max-batch", type=int, default=256, help="rows per generate call")
+    e.add_argument("--engine", default="hf", choices=["hf", "vllm"],
+                   help="sampler for the samples and the searches: hf (transformers generate) or vllm (an "
+                        "in-process vLLM engine; needs vllm, docs/engines.md)")
     e.add_argument("--chunk-problems", type=int, default=64, help="problems sampled and scored together")
     e.add_argument("--device", default="auto", help="cpu | cuda | auto")
     e.add_argument("--threads", type=int, default=0, help="torch CPU threads; 0 = automatic: the CPUs other jobs "
@@ -371,7 +374,8 @@ def _run(args: argparse.Namespace) -> dict:
                        sampling=sampling, seed=args.seed, aggregation=args.aggregation, search=spec,
                        html_problems=args.html_problems, chunk_problems=args.chunk_problems,
                        max_batch=args.max_batch, use_chat_template=not args.no_chat_template, meta=meta, log=log,
-                       progress=not args.quiet, env=env, env_kwargs=env_kwargs, max_turns=max_turns)
+                       progress=not args.quiet, env=env, env_kwargs=env_kwargs, max_turns=max_turns,
+                       engine=args.engine)
     _summary(metrics, Path(args.out), time.time() - t_start, log)
     return metrics
 

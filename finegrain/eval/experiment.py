@@ -38,8 +38,8 @@ from finegrain.eval.selection import (STEP_AGGREGATIONS, aggregate_steps, bon_cu
 from finegrain.eval.turns import turn_records
 from finegrain.registry import Registry
 from finegrain.rewards.base import RewardSignal
-from finegrain.envs.rollout import Rollout, hf_rollout
-from finegrain.sampling import SamplingParams, sample_seed
+from finegrain.envs.rollout import Rollout
+from finegrain.sampling import SAMPLERS, SamplingParams, sample_seed
 from finegrain.segment import token_char_offsets
 
 ANSWERS = Registry("answer extractor")
@@ -276,7 +276,7 @@ def run_eval(model, tokenizer, task, examples, *, out_dir: str | Path, scorers: 
              search: SearchSpec = SearchSpec(), html_problems: int = 20, chunk_problems: int = 64,
              max_batch: int = 256, use_chat_template: bool = True, meta: dict | None = None,
              log: Callable[[str], None] = print, progress: bool = True, env: str = "single_turn",
-             env_kwargs: Mapping | None = None, max_turns: int | None = None) -> dict:
+             env_kwargs: Mapping | None = None, max_turns: int | None = None, engine: str = "hf") -> dict:
     """Sample ``samples`` responses per problem, score them with every scorer, measure selection
     and process metrics, optionally run step searches, and write the report into ``out_dir``.
 
@@ -299,6 +299,9 @@ def run_eval(model, tokenizer, task, examples, *, out_dir: str | Path, scorers: 
             ``rollout.env`` / ``env_kwargs`` / ``max_turns`` in training. With more than one turn,
             every record carries its turns (``SampleRecord.turns``), ``metrics["turns"]`` their
             statistics, and step searches are refused (they sample single responses).
+        engine: the sampler that generates the samples and continues the searches' beams
+            (``finegrain.sampling.SAMPLERS``: ``hf``, or ``vllm``, an engine started from ``model``'s
+            weights and closed at the end), as ``rollout.engine`` in training.
     Returns:
         the metrics dict (also in ``out_dir/metrics.json``).
     """
@@ -317,15 +320,29 @@ def run_eval(model, tokenizer, task, examples, *, out_dir: str | Path, scorers: 
         raise ValueError(f"run_eval: needs samples >= 1 and at least one problem, got {samples} and {len(examples)}")
     Ns = list(Ns) if Ns is not None else default_Ns(samples)
     answer_fn = ANSWERS.get(task.name) if task.name in ANSWERS else getattr(task, "extract_answer", None)
-    if env == "single_turn" and not env_kwargs and max_turns is None:
-        engine = hf_rollout(model, tokenizer, segmenter=task.segmenter, max_batch=max_batch,
-                            use_chat_template=use_chat_template)
-    else:
-        from finegrain.sampling.hf import HFSampler
+    if engine not in EVAL_ENGINES:
+        raise ValueError(f"--engine: expected one of {', '.join(EVAL_ENGINES)}, got '{engine}'")
+    sampler = SAMPLERS.get(engine)(model, tokenizer, max_batch=max_batch)
+    try:
+        return _run_eval(model, tokenizer, task, examples, sampler, out_dir=out_dir, scorers=scorers, samples=samples,
+                         sampling=sampling, seed=seed, aggregation=aggregation, Ns=Ns, search=search,
+                         html_problems=html_problems, chunk_problems=chunk_problems, max_batch=max_batch,
+                         use_chat_template=use_chat_template, meta=meta, log=log, progress=progress, env=env,
+                         env_kwargs=env_kwargs, max_turns=max_turns, t_start=t_start, answer_fn=answer_fn)
+    finally:
+        getattr(sampler, "close", lambda: None)()  # a vLLM engine frees its memory
 
-        engine = Rollout(HFSampler(model, tokenizer, max_batch=max_batch), segmenter=task.segmenter, env=env,
-                         env_kwargs=dict(env_kwargs or {}), task=task, max_turns=max_turns,
-                         use_chat_template=use_chat_template)
+
+# the samplers run_eval can build from a model and tokenizer (the OpenAI-compatible client samples
+# from a server, not from ``model``)
+EVAL_ENGINES = ("hf", "vllm")
+
+
+def _run_eval(model, tokenizer, task, examples, sampler, *, out_dir, scorers, samples, sampling, seed, aggregation,
+              Ns, search, html_problems, chunk_problems, max_batch, use_chat_template, meta, log, progress, env,
+              env_kwargs, max_turns, t_start, answer_fn) -> dict:
+    engine = Rollout(sampler, segmenter=task.segmenter, env=env, env_kwargs=dict(env_kwargs or {}), task=task,
+                     max_turns=max_turns, use_chat_template=use_chat_template)
     multi_turn = engine.max_turns > 1
     if multi_turn and search.methods:
         raise ValueError(f"search: step searches sample single responses; they cannot run in the multi-turn "
@@ -394,7 +411,7 @@ def run_eval(model, tokenizer, task, examples, *, out_dir: str | Path, scorers: 
 
     if search.methods:
         t0 = time.time()
-        metrics["search"] = _run_search(model, tokenizer, task, examples, search, scorers, correct, sel_scores,
+        metrics["search"] = _run_search(model, tokenizer, sampler, task, examples, search, scorers, correct, sel_scores,
                                         lengths, sampling, seed, max_batch, use_chat_template, Ns, log)
         timing["search_s"] = time.time() - t0
     t0 = time.time()
@@ -408,7 +425,7 @@ def run_eval(model, tokenizer, task, examples, *, out_dir: str | Path, scorers: 
     return metrics
 
 
-def _run_search(model, tokenizer, task, examples, spec: SearchSpec, scorers, correct, sel_scores, lengths,
+def _run_search(model, tokenizer, sampler, task, examples, spec: SearchSpec, scorers, correct, sel_scores, lengths,
                 sampling, seed, max_batch, use_chat_template, Ns, log) -> dict:
     """Run every (method, N) of ``spec`` and the matching best-of-N points on the same problems."""
     name = spec.scorer or next((n for n, sig in scorers.items() if selects_by(sig.level) == "step"), None)
@@ -430,7 +447,7 @@ def _run_search(model, tokenizer, task, examples, spec: SearchSpec, scorers, cor
                 model, tokenizer, task, sub, lambda traj: score(signal, traj, task), n_beams=N, beam_width=M,
                 tau=spec.tau, aggregation=aggregation, sampling=sampling, max_steps=spec.max_steps,
                 max_step_tokens=spec.max_step_tokens, seed=sample_seed(seed, 0, stream=2), max_batch=max_batch,
-                use_chat_template=use_chat_template)
+                use_chat_template=use_chat_template, sampler=sampler)
             ci = accuracy_with_ci(res.correct)
             runs.append({"method": method, "n_beams": N, "beam_width": M,
                          "tau": spec.tau if SEARCHES.meta(method)["partial"] else None,

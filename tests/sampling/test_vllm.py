@@ -236,3 +236,33 @@ def test_an_unsupported_cpu_head_size_is_refused_in_one_line(sampler):
     with pytest.raises(ValueError, match=r"^model: attention head size 16 is not supported by vLLM on CPU"):
         SAMPLERS.get("vllm")(micro, sampler.tokenizer)
 
+
+
+def test_finegrain_eval_samples_and_searches_with_the_vllm_engine(sampler, tmp_path):
+    """run_eval with engine=vllm (``finegrain eval --engine vllm``): greedy samples equal the HF
+    engine's on the same model, and the step search runs through the vLLM sampler."""
+    import json
+
+    from finegrain.config import RunConfig
+    from finegrain.eval.experiment import SearchSpec, run_eval
+    from finegrain.eval.scoring import build_scorers
+    from finegrain.tasks import TASKS
+    from finegrain.train.stages import RewardContext
+
+    task = TASKS.get("arith")(min_steps=2, max_steps=2)
+    tok = sampler.tokenizer
+    examples = [ex for ex in task.examples("test", 40) if set(task.format_prompt(ex)) <= set(ALPHABET)][:4]
+    assert len(examples) == 4
+    out, texts = {}, {}
+    for engine in ("hf", "vllm"):
+        scorers = build_scorers(["verifier", "step_labels"], RewardContext(RunConfig(), task, tok, None, lambda: None))
+        out[engine] = run_eval(sampler.model, tok, task, examples, out_dir=tmp_path / engine, scorers=scorers,
+                               samples=1, sampling=SamplingParams(temperature=0.0, max_new_tokens=12), Ns=[1],
+                               search=SearchSpec(methods=("beam",), scorer="step_labels", budgets=(2,), beam_width=2,
+                                                 max_steps=2),
+                               use_chat_template=False, log=lambda m: None, progress=False, engine=engine)
+        texts[engine] = [json.loads(line)["response"] for line in
+                         (tmp_path / engine / "samples.jsonl").read_text().splitlines()]
+    assert texts["vllm"] == texts["hf"] and len(texts["vllm"]) == 4
+    (run,) = out["vllm"]["search"]["runs"] if isinstance(out["vllm"]["search"], dict) else out["vllm"]["search"]
+    assert run["method"] == "beam" and run["tokens_per_problem"] > 0
