@@ -1,7 +1,8 @@
 """Time one RL step of the CPU demo (GRPO on arith) in finegrain and in TRL's ``GRPOTrainer``.
 
     python benchmarks/step_timing.py [--steps 10] [--seed 0] [--out FILE.json] [--init sft|random]
-                                     [--threads N] [--trl-gradient-checkpointing] [--no-filtered]
+                                     [--size tiny|50m] [--engines hf,vllm] [--threads N]
+                                     [--trl-gradient-checkpointing] [--no-filtered]
 
 Both sides get the same workload, the demo config without its group filter (TRL's GRPOTrainer
 has no filter-with-oversampling-and-refills to match): the demo's tiny Qwen2 model (a fresh copy
@@ -12,9 +13,10 @@ token-mean loss (TRL: ``loss_type='dapo'``), no KL / reference model, AdamW lr 1
 and exactly one optimizer step on all 128 completions in one micro-batch, without gradient
 checkpointing (TRL's default turns it on; ``--trl-gradient-checkpointing`` keeps it).
 
-The finegrain step calls the functions ``finegrain.train.loop.train`` calls, in its order:
-``collect_batch`` (→ ``Rollout.generate`` + the outcome pass filters need), every reward
-signal, ``combine``, ``compute_advantages``, ``policy_update`` and the LR scheduler step.
+Each finegrain side (one per ``--engines`` entry: ``hf``, ``vllm``) runs the trainer's own step
+body, ``finegrain.train.loop.one_step``: ``collect_batch`` (→ ``Rollout.generate`` + the outcome
+pass filters need), every reward signal, ``combine``, ``compute_advantages``, ``policy_update``,
+the LR scheduler step and the weight sync into the engine (``sync``, timed apart).
 The TRL step is a real ``trainer.train()``: the two sides alternate step by step inside one
 process, the finegrain step running from a ``TrainerCallback.on_step_end``. Phases:
 

@@ -16,3 +16,14 @@ def T(rows):
 
 def M(rows):
     return torch.tensor(rows, dtype=torch.bool)
+
+
+def judge_ctx(tokenizer, task=None):
+    """The slice of a RewardContext that judge-style signals read (task, tokenizer, no policy,
+    cfg.model.device); the task defaults to arith."""
+    from types import SimpleNamespace
+
+    from finegrain.tasks import TASKS
+
+    return SimpleNamespace(task=task or TASKS.get("arith")(), tokenizer=tokenizer, policy=None,
+                           initial_policy=lambda: None, cfg=SimpleNamespace(model=SimpleNamespace(device="cpu")))

@@ -9,7 +9,6 @@ import json
 import math
 import os
 from pathlib import Path
-from types import SimpleNamespace
 
 import pytest
 import torch
@@ -25,7 +24,7 @@ from finegrain.train.logging import read_log
 from finegrain.train.loop import train
 from finegrain.trajectory import Trajectory
 from tests.conftest import tiny_run_overrides
-from tests.helpers import close
+from tests.helpers import close, judge_ctx
 from tests.sampling.openai_servers import (chat_answer, save_tiny_model, scripted_server, serving_available,
                                            stdlib_model_server, transformers_serve)
 
@@ -58,8 +57,7 @@ def make_traj(texts, examples=None):
 
 
 def ctx(task=None):
-    return SimpleNamespace(task=task or TASKS.get("arith")(), tokenizer=TOK, policy=None, initial_policy=lambda: None,
-                           cfg=SimpleNamespace(model=SimpleNamespace(device="cpu")))
+    return judge_ctx(TOK, task)
 
 
 class Scripted:

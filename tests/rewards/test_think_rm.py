@@ -32,7 +32,7 @@ from finegrain.train.loop import train
 from finegrain.train.stages import compute_advantages
 from finegrain.trajectory import Trajectory
 from tests.conftest import tiny_run_overrides
-from tests.helpers import close
+from tests.helpers import close, judge_ctx
 
 CONFIGS = Path(__file__).resolve().parents[2] / "configs"
 TOK = char_tokenizer("0123456789+-*=:QAx \n")
@@ -59,8 +59,7 @@ def make_traj(texts, group_ids, examples=None):
 
 
 def ctx(task=None):
-    return SimpleNamespace(task=task or TASKS.get("arith")(), tokenizer=TOK, policy=None, initial_policy=lambda: None,
-                           cfg=SimpleNamespace(model=SimpleNamespace(device="cpu")))
+    return judge_ctx(TOK, task)
 
 
 def rule(mode="binary", **kw):
