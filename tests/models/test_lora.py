@@ -375,5 +375,7 @@ def test_probes_through_the_reference_are_the_base_models(tok):
         want = probe_logprobs(plain, contexts, conts, pad_token_id=tok.pad_token_id, share_prefix=share)
         moved = probe_logprobs(pm, contexts, conts, pad_token_id=tok.pad_token_id, share_prefix=share)
         for g, w, m in zip(got, want, moved):
-            assert torch.equal(g, w)
-        assert any(not torch.equal(m, w) for m, w in zip(moved, want))
+            # equal up to float32 rounding: peft's disabled-adapter forward may order the base
+            # layer's ops differently from the plain model's (bitwise equality held with older peft)
+            torch.testing.assert_close(g, w, rtol=0, atol=1e-6)
+        assert any((m - w).abs().max() > 1e-3 for m, w in zip(moved, want))
