@@ -1,8 +1,7 @@
 """Servers on 127.0.0.1 for the OpenAI-compatible client tests (loopback only; each stops itself).
 
 * ``transformers_serve(model_dir)``: the real ``transformers serve`` (FastAPI + uvicorn) on a
-  tiny local model, run in this process in its own thread (``non_blocking``, the mode
-  transformers' own tests use), so no second Python has to import torch.
+  tiny local model, run as a child process on a free loopback port (stopped on exit).
 * ``stdlib_model_server(model, tokenizer)``: the fallback when transformers' serving extras
   (fastapi, uvicorn) are missing: ``http.server`` answering ``/v1/completions`` and
   ``/v1/chat/completions`` by running the model through finegrain's HF sampler.
@@ -154,20 +153,27 @@ def stdlib_model_server(model, tokenizer):
 
 
 @contextlib.contextmanager
-def transformers_serve(model_dir: Path, *, startup_timeout: float = 120.0):
-    """``transformers serve <model_dir>`` on 127.0.0.1 in a thread of this process; yields its
-    base URL and the model name to send. Waits (bounded) for ``/health``. The server seeds torch's
-    global RNG from each request's ``seed``; the state from before is put back when it stops, so
-    the tests after it draw as they would without it."""
-    import torch
-    from transformers.cli.serve import Serve
+def transformers_serve(model_dir: Path, *, startup_timeout: float = 180.0):
+    """``transformers serve <model_dir>`` on 127.0.0.1 as a child process; yields its base URL and
+    the model name to send. Waits (bounded) for ``/health`` and stops the child afterwards.
 
-    rng = torch.random.get_rng_state()
+    A child process rather than a thread of this one: transformers 5.25 dropped ``Serve``'s
+    ``non_blocking`` mode (its constructor now blocks in uvicorn until the server stops), and the
+    command line is the interface that stays the same across releases. A child also cannot touch
+    this process's torch RNG."""
+    import os
+    import subprocess
+    import sys
+    import tempfile
 
     port = free_port()
-    serve = Serve(force_model=str(model_dir), host="127.0.0.1", port=port, device="cpu", dtype="float32",
-                  non_blocking=True, log_level="error")
     base = f"http://127.0.0.1:{port}"
+    cmd = [sys.executable, "-c", "from transformers.cli.transformers import main; main()", "serve", str(model_dir),
+           "--host", "127.0.0.1", "--port", str(port), "--device", "cpu", "--dtype", "float32",
+           "--log-level", "error"]
+    env = dict(os.environ, OMP_NUM_THREADS="1", TOKENIZERS_PARALLELISM="false")
+    log = tempfile.TemporaryFile()
+    child = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=env)
     opener = urllib.request.build_opener(urllib.request.ProxyHandler({}))
     deadline = time.monotonic() + startup_timeout
     try:
@@ -178,10 +184,18 @@ def transformers_serve(model_dir: Path, *, startup_timeout: float = 120.0):
                         break
             except OSError:
                 pass
-            if time.monotonic() > deadline:
-                raise RuntimeError(f"transformers serve did not come up on {base} within {startup_timeout} s")
-            time.sleep(0.2)
+            if child.poll() is not None or time.monotonic() > deadline:
+                log.seek(0)
+                tail = log.read().decode(errors="replace")[-2000:]
+                raise RuntimeError(f"transformers serve did not come up on {base} within {startup_timeout} s "
+                                   f"(exit code {child.poll()}):\n{tail}")
+            time.sleep(0.3)
         yield base + "/v1", str(model_dir)
     finally:
-        serve.kill_server()
-        torch.random.set_rng_state(rng)
+        child.terminate()
+        try:
+            child.wait(timeout=15)
+        except subprocess.TimeoutExpired:
+            child.kill()
+            child.wait()
+        log.close()
