@@ -5,6 +5,7 @@
     finegrain config [CONFIG.yaml] [key=value ...]     print the resolved config
     finegrain eval --model RUN_DIR_OR_PATH --task arith ...   report directory (see docs/eval.md)
     finegrain prm train|score ...                     offline implicit PRM (see docs/prm_offline.md)
+    finegrain judge train ...                         fine-tune a judge on exact verdicts (docs/algorithms/judge.md)
     finegrain compare --methods grpo,prime --seeds 0,1,2 --out DIR [--set key=value ...]   methods × seeds, one table
     finegrain train --help-config                     every config key with its default and help
 """
@@ -102,9 +103,10 @@ def main(argv: list[str] | None = None) -> None:
     s = sub.add_parser("sft", help="supervised warm start of a tiny model on a task (cached)")
     s.add_argument("config", nargs="?")
     s.add_argument("overrides", nargs="*")
-    from finegrain.cli import compare_cmd, eval_cmd, prm_cmd
+    from finegrain.cli import compare_cmd, eval_cmd, judge_cmd, prm_cmd
 
     prm_cmd.add_parser(sub)
+    judge_cmd.add_parser(sub)
     eval_cmd.add_parser(sub)
     compare_cmd.add_parser(sub)
     args = ap.parse_args(argv)
@@ -115,6 +117,12 @@ def main(argv: list[str] | None = None) -> None:
 
         configure_threads(None)
         prm_cmd.run(args)
+        return
+    if args.cmd == "judge":
+        from finegrain.threads import configure_threads
+
+        configure_threads(None)
+        judge_cmd.run(args)
         return
     if args.cmd == "eval":
         eval_cmd.run(args)

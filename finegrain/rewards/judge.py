@@ -411,6 +411,16 @@ class RuleJudge:
         return out
 
 
+def judge_prompt_ids(tokenizer, prompt: str) -> list[int]:
+    """The token ids an HF judge reads for ``prompt``: the tokenizer's chat template (one user turn
+    and the generation prompt) when it has one, else the plain encoding with its special tokens.
+    A fine-tuned judge is trained on exactly these ids (``finegrain.train.judge_sft``)."""
+    if getattr(tokenizer, "chat_template", None):
+        return tokenizer.apply_chat_template([{"role": "user", "content": prompt}], add_generation_prompt=True,
+                                             tokenize=True, return_dict=False)
+    return tokenizer(prompt)["input_ids"]
+
+
 class HFJudge:
     """A local causal LM as the judge, through finegrain's HF sampler (one batched ``generate``
     per call). The prompt is wrapped in the tokenizer's chat template when it has one."""
@@ -420,15 +430,9 @@ class HFJudge:
         self.tokenizer, self.params, self.seed = tokenizer, params, seed
         self.key = f"hf:{name}"
 
-    def _ids(self, prompt: str) -> list[int]:
-        tok = self.tokenizer
-        if getattr(tok, "chat_template", None):
-            return tok.apply_chat_template([{"role": "user", "content": prompt}], add_generation_prompt=True,
-                                           tokenize=True, return_dict=False)
-        return tok(prompt)["input_ids"]
-
     def generate(self, requests: Sequence[JudgeRequest]) -> list[str]:
-        out = self.sampler.sample([self._ids(q.prompt) for q in requests], 1, self.params, self.seed)
+        out = self.sampler.sample([judge_prompt_ids(self.tokenizer, q.prompt) for q in requests], 1, self.params,
+                                  self.seed)
         return self.tokenizer.batch_decode(out.token_ids, skip_special_tokens=True)
 
 
@@ -500,6 +504,26 @@ def cached_generate(backend, cache: OrderedDict, requests: Sequence, *, batch_si
     return texts, hit
 
 
+def _fine_tuned_rubric(model_path: str, level: str, rubric_file: str) -> str:
+    """The rubric file to use with ``model_path``: a judge fine-tuned by ``finegrain judge train``
+    records the level and the rubric its prompts were made with (``finegrain_judge.json``,
+    ``rubric.json``); with no ``rubric_file`` given that rubric is used, and a level other than
+    the one it was trained for is refused (its prompts would be ones it never saw)."""
+    info_path = Path(model_path) / "finegrain_judge.json"
+    if not info_path.is_file():
+        return rubric_file
+    try:
+        info = json.loads(info_path.read_text(encoding="utf-8"))
+    except (OSError, ValueError) as e:
+        raise ValueError(f"judge.model_path: cannot read {info_path}: {str(e).splitlines()[0]}") from None
+    trained = info.get("level") if isinstance(info, dict) else None
+    if trained is not None and trained != level:
+        raise ValueError(f"judge.level: '{model_path}' was fine-tuned to judge at level '{trained}', "
+                         f"the reward asks for '{level}'")
+    own = Path(model_path) / "rubric.json"
+    return rubric_file or (str(own) if own.is_file() else "")
+
+
 # --------------------------------------------------------------------------------- the reward
 
 @REWARDS.register("judge", level="outcome", levels=("outcome", "step"),
@@ -521,7 +545,8 @@ class Judge:
         backend: 'rule' | 'hf' | 'openai'.  level: 'outcome' | 'step'.
         rubric_file: a rubric file (``load_rubric``); "" = none.  meta_key: the example meta key
             holding per-example items ('rubric').
-        model_path (hf): a model directory; "" = the frozen starting policy.
+        model_path (hf): a model directory; "" = the frozen starting policy. A judge made by
+            ``finegrain judge train`` brings its rubric (used when ``rubric_file`` is "") and level.
         base_url, model, endpoint, api_key_env, timeout, max_retries, max_concurrency (openai): the
             server, as the ``openai`` sampler takes them ("" = its environment variables).
         temperature (0 = greedy), max_new_tokens, seed: how the judge samples its verdict.
@@ -547,7 +572,7 @@ class Judge:
         self.template = (rubric.step_template if level == "step" else rubric.template) or \
             (STEP_TEMPLATE if level == "step" else OUTCOME_TEMPLATE)
         self._cache: OrderedDict[tuple[str, str], str] = OrderedDict()
-        self._default_items = rubric.items or make_items(DEFAULT_ITEMS[level], "judge default items")
+        self.default_items = rubric.items or make_items(DEFAULT_ITEMS[level], "judge default items")
 
     @classmethod
     def from_context(cls, ctx, *, backend: str = "rule", level: str = "outcome", rubric_file: str = "",
@@ -564,6 +589,8 @@ class Judge:
             judge = model_backend(ctx, backend, params, where="judge", model_path=model_path, base_url=base_url,
                                   model=model, endpoint=endpoint, api_key_env=api_key_env, timeout=timeout,
                                   max_retries=max_retries, max_concurrency=max_concurrency, seed=seed)
+        if backend == "hf" and model_path:
+            rubric_file = _fine_tuned_rubric(model_path, level, rubric_file)
         rubric = load_rubric(rubric_file) if rubric_file else Rubric()
         return cls(judge, ctx.task, level=level, rubric=rubric, meta_key=meta_key, fallback=fallback,
                    missing_item_score=missing_item_score, pass_threshold=pass_threshold, correct=correct, wrong=wrong,
@@ -572,7 +599,7 @@ class Judge:
     def items_for(self, example) -> tuple[Item, ...]:
         """The example's own items (``meta[meta_key]``) if it has them, else the rubric's / default."""
         raw = (getattr(example, "meta", None) or {}).get(self.meta_key)
-        return make_items(raw, f"judge: {self.meta_key} of example '{example.id}'") if raw else self._default_items
+        return make_items(raw, f"judge: {self.meta_key} of example '{example.id}'") if raw else self.default_items
 
     def prompt_for(self, example, response: str, items: Sequence[Item], steps: Sequence[str] | None = None,
                    step: int | None = None) -> str:
@@ -581,6 +608,18 @@ class Judge:
         if step is not None:
             fields.update(previous="".join(steps[:step]).rstrip("\n") or "(none)", step=steps[step].rstrip("\n"))
         return _fill(self.template, **fields)
+
+    def requests(self, example, response: str, max_steps: int | None = None) -> list[JudgeRequest]:
+        """The questions this judge asks about one response: one (outcome level), or one per step of
+        the task segmenter's spans, the first ``max_steps`` of them (step level; None = all). The
+        reward and ``judge_data.verdict_rows`` (a fine-tuned judge's training data) both ask these."""
+        items = self.items_for(example)
+        if self.level == "outcome":
+            return [JudgeRequest(self.prompt_for(example, response, items), example, response, items)]
+        steps = [response[s:e] for s, e in self.segment(response)]
+        k = len(steps) if max_steps is None else min(len(steps), max_steps)
+        return [JudgeRequest(self.prompt_for(example, response, items, steps, s), example, response, items, s)
+                for s in range(k)]
 
     def judge(self, requests: Sequence[JudgeRequest]) -> tuple[list[str], list[bool]]:
         """Verdict texts of ``requests`` and whether each came from the cache (``cached_generate``)."""
@@ -592,17 +631,9 @@ class Judge:
         S = int(traj.step_ids.max().clamp(min=-1)) + 1 if self.level == "step" else 1
         requests, where = [], []  # where[i] = (row, step or None)
         for b, (ex, text) in enumerate(zip(traj.examples, traj.response_texts)):
-            items = self.items_for(ex)
-            if self.level == "outcome":
-                requests.append(JudgeRequest(self.prompt_for(ex, text, items), ex, text, items))
-                where.append((b, None))
-                continue
-            spans = self.segment(text)
-            steps = [text[s:e] for s, e in spans]
-            k = min(len(steps), int(traj.step_ids[b].max()) + 1)
-            for s in range(k):
-                requests.append(JudgeRequest(self.prompt_for(ex, text, items, steps, s), ex, text, items, s))
-                where.append((b, s))
+            asked = self.requests(ex, text, None if self.level == "outcome" else int(traj.step_ids[b].max()) + 1)
+            requests += asked
+            where += [(b, q.step) for q in asked]
         texts, hits = self.judge(requests)
         values = torch.zeros(B, S)
         mask = torch.zeros(B, S, dtype=torch.bool)

@@ -104,18 +104,18 @@ def evaluate(model: StepClassifier, data: _Encoded, *, batch_size: int) -> dict[
             "step_auroc": auroc(s_all.tolist(), (y_all >= 0.5).tolist()), "n_steps": int(m["n_steps"])}
 
 
-def _json_safe(value):
+def json_safe(value):
     """``value`` with every non-finite float replaced by None (strict JSON: an AUROC without both kinds)."""
     if isinstance(value, dict):
-        return {k: _json_safe(v) for k, v in value.items()}
+        return {k: json_safe(v) for k, v in value.items()}
     if isinstance(value, list):
-        return [_json_safe(v) for v in value]
+        return [json_safe(v) for v in value]
     if isinstance(value, float) and not math.isfinite(value):
         return None
     return value
 
 
-def _replace_dir(tmp: Path, out_dir: Path) -> None:
+def replace_dir(tmp: Path, out_dir: Path) -> None:
     """Move the finished ``tmp`` onto ``out_dir`` (an earlier PRM there is moved aside first, then removed)."""
     old = out_dir.with_name(f".{out_dir.name}.old-{os.getpid()}")
     if out_dir.exists():
@@ -216,7 +216,7 @@ def train_disc_prm(model: StepClassifier, tokenizer, rows: Sequence[StepRow], *,
     if tmp.exists():
         shutil.rmtree(tmp)
     model.save(tmp, tokenizer, {**(info or {}), **settings})
-    report = _json_safe({"epochs": history, "final": history[-1], "settings": settings})
+    report = json_safe({"epochs": history, "final": history[-1], "settings": settings})
     (tmp / METRICS_FILE).write_text(json.dumps(report, indent=2, allow_nan=False) + "\n")
-    _replace_dir(tmp, out_dir)
+    replace_dir(tmp, out_dir)
     return dict(history[-1])

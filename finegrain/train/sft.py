@@ -129,21 +129,31 @@ def run_sft(model, tokenizer, pairs: list[tuple], *, epochs: int, batch_size: in
     """Train ``model`` in place on (prompt, solution) or (prompt, solution, untrained spans)
     tuples (see ``encode_pairs``), in batches of ``batch_order``. Returns metrics (final loss,
     steps, seconds)."""
+    # tokenized once: tokenizing every piece of every trace again each epoch cost as much as the
+    # forward and backward passes of the tiny models
+    rows = [encode_row(tokenizer, b[0], b[1], b[2] if len(b) > 2 else []) for b in pairs]
+    return run_sft_rows(model, tokenizer.pad_token_id, rows, epochs=epochs, batch_size=batch_size, lr=lr,
+                        warmup_steps=warmup_steps, seed=seed, progress=progress, group_by_length=group_by_length)
+
+
+def run_sft_rows(model, pad_token_id: int, rows: list[tuple[list[int], list[bool]]], *, epochs: int,
+                 batch_size: int, lr: float, warmup_steps: int, seed: int,
+                 progress: Callable[[int, int, float], None] | None = None, group_by_length: bool = False) -> dict:
+    """``run_sft`` on rows already encoded as (token ids, trained-on mask) (``encode_row``'s
+    output; a caller with its own prompt encoding, e.g. a chat template, builds them itself):
+    AdamW (β 0.9, 0.95, weight decay 0.01), linear warm-up then cosine decay, gradient-norm clip 1."""
     device = next(model.parameters()).device
     rng = random.Random(seed)
-    total = epochs * math.ceil(len(pairs) / batch_size)
+    total = epochs * math.ceil(len(rows) / batch_size)
     opt = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=0.01, betas=(0.9, 0.95))
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: min(1.0, (s + 1) / max(1, warmup_steps)) *
                                               0.5 * (1 + math.cos(math.pi * min(1.0, s / max(1, total)))))
     model.train()
     t0, step, ema = time.time(), 0, None
-    # tokenized once: tokenizing every piece of every trace again each epoch cost as much as the
-    # forward and backward passes of the tiny models
-    rows = [encode_row(tokenizer, b[0], b[1], b[2] if len(b) > 2 else []) for b in pairs]
     lengths = [len(r) for r, _ in rows]
     for _ in range(epochs):
         for batch in batch_order(lengths, batch_size, rng, group_by_length):
-            ids, am, tm = pad_rows([rows[i] for i in batch], tokenizer.pad_token_id)
+            ids, am, tm = pad_rows([rows[i] for i in batch], pad_token_id)
             loss = sft_loss(model, ids.to(device), am.to(device), tm.to(device))
             opt.zero_grad(set_to_none=True)
             loss.backward()
