@@ -16,7 +16,6 @@ brings its rubric and level. Every path is checked before any model is loaded.
 
 from __future__ import annotations
 
-import random
 import string
 import sys
 from pathlib import Path
@@ -98,7 +97,7 @@ def _rubric_dict(judge) -> dict:
 
 def _train(args) -> None:
     from finegrain.rewards.judge import Judge, RuleJudge, load_rubric, Rubric
-    from finegrain.rewards.judge_data import verdict_rows
+    from finegrain.rewards.judge_data import split_by_response, verdict_rows
     from finegrain.train.judge_sft import check_judge_out_dir, train_judge
 
     if (args.model is None) == (args.tiny is None):
@@ -125,19 +124,14 @@ def _train(args) -> None:
     log = (lambda msg: None) if args.no_progress else (lambda msg: print(msg, file=sys.stderr, flush=True))
 
     pairs = _responses(args, task, log)
-    order = list(range(len(pairs)))
-    random.Random(f"judge-split/{args.seed}").shuffle(order)
-    held = set(order[:round(len(pairs) * args.eval_fraction)])
     rows = verdict_rows(judge, task, pairs)
-    train_rows = [r for r in rows if r.group not in held]
-    eval_rows = [r for r in rows if r.group in held]
-    if len(eval_rows) > args.max_eval:
-        eval_rows = random.Random(f"judge-eval/{args.seed}").sample(eval_rows, args.max_eval)
+    train_rows, eval_rows = split_by_response(rows, len(pairs), args.eval_fraction, args.seed, args.max_eval)
     if not train_rows:
         raise ValueError("--eval-fraction: every response is held out; no question is left to train on")
+    n_held = round(len(pairs) * args.eval_fraction)
     positive = sum(all(v == 1 for v in r.scores.values()) for r in train_rows) / len(train_rows)
-    log(f"{len(train_rows)} training questions from {len(pairs) - len(held)} responses ({positive:.3f} with every "
-        f"item satisfied); {len(eval_rows)} held-out questions from {len(held)} responses")
+    log(f"{len(train_rows)} training questions from {len(pairs) - n_held} responses ({positive:.3f} with every "
+        f"item satisfied); {len(eval_rows)} held-out questions from {n_held} responses")
 
     if args.model is not None:
         model, tok = _load("--model", args.model, args.device)

@@ -16,6 +16,7 @@ left out: there is no label to train on.
 from __future__ import annotations
 
 import json
+import random
 from dataclasses import dataclass
 from typing import Any, Sequence
 
@@ -64,3 +65,26 @@ def verdict_rows(judge: Judge, task, pairs: Sequence[tuple[Any, str]]) -> list[V
         raise ValueError(f"judge data: no question about task '{task.name}' has an exact verdict for every item "
                          "(the rule backend knows the items 'correct' and, at outcome level, 'answer')")
     return rows
+
+
+def split_by_response(rows: Sequence[VerdictRow], n_responses: int, eval_fraction: float, seed: int,
+                      max_eval: int | None = None) -> tuple[list[VerdictRow], list[VerdictRow]]:
+    """(train, held-out) rows: round(n_responses · eval_fraction) responses, drawn by ``seed``, are
+    held out with every question about them, so no response is on both sides; at most
+    ``max_eval`` held-out questions are kept (a seeded sample).
+
+    >>> rows = [VerdictRow("p", "t", {"correct": 1}, g, s) for g in range(4) for s in range(3)]
+    >>> train, held = split_by_response(rows, 4, 0.5, seed=0)
+    >>> len(train), len(held), {r.group for r in train} & {r.group for r in held}
+    (6, 6, set())
+    """
+    if not 0.0 <= eval_fraction < 1.0:
+        raise ValueError(f"eval_fraction: expected a number in [0, 1), got {eval_fraction}")
+    order = list(range(n_responses))
+    random.Random(f"judge-split/{seed}").shuffle(order)
+    held = set(order[:round(n_responses * eval_fraction)])
+    train = [r for r in rows if r.group not in held]
+    evals = [r for r in rows if r.group in held]
+    if max_eval is not None and len(evals) > max_eval:
+        evals = random.Random(f"judge-eval/{seed}").sample(evals, max_eval)
+    return train, evals

@@ -16,7 +16,7 @@ from finegrain.cli.judge_cmd import main
 from finegrain.models.tokenizer import char_tokenizer
 from finegrain.rewards import REWARDS
 from finegrain.rewards.judge import Judge, Rubric, RuleJudge, judge_prompt_ids, load_rubric, make_items
-from finegrain.rewards.judge_data import compact_verdict, verdict_rows
+from finegrain.rewards.judge_data import compact_verdict, split_by_response, verdict_rows
 from finegrain.tasks import TASKS
 from finegrain.tasks.base import STEP_CORRECT
 from finegrain.train.judge_sft import agreement, check_judge_out_dir, encode_verdict_row
@@ -90,6 +90,21 @@ def test_outcome_rows_carry_answer_and_correct():
                             "answer": int(task.verify(ex, response) >= 1.0)}
         assert r.target == compact_verdict(r.scores, ["correct", "answer"])
     assert {r.scores["answer"] for r in rows} == {0, 1}
+
+
+def test_split_by_response_keeps_each_response_on_one_side():
+    task = TASKS.get("arith")(**TASK_KWARGS)
+    pairs = task.sft_corpus(40, flawed_fraction=0.5, seed=0)
+    rows = verdict_rows(Judge(RuleJudge(task), task, level="step"), task, pairs)
+    train, held = split_by_response(rows, len(pairs), 0.25, seed=0)
+    assert len(train) + len(held) == len(rows) and not {r.group for r in train} & {r.group for r in held}
+    assert len({r.group for r in held}) == 10                          # round(40 · 0.25) responses
+    assert split_by_response(rows, len(pairs), 0.25, seed=0) == (train, held)          # seeded
+    assert split_by_response(rows, len(pairs), 0.25, seed=1)[1] != held
+    assert len(split_by_response(rows, len(pairs), 0.25, seed=0, max_eval=7)[1]) == 7
+    assert split_by_response(rows, len(pairs), 0.0, seed=0) == (rows, [])
+    with pytest.raises(ValueError, match="eval_fraction"):
+        split_by_response(rows, len(pairs), 1.0, seed=0)
 
 
 def test_encode_verdict_row_trains_on_the_verdict_and_eos_only():
