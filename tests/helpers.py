@@ -27,3 +27,16 @@ def judge_ctx(tokenizer, task=None):
 
     return SimpleNamespace(task=task or TASKS.get("arith")(), tokenizer=tokenizer, policy=None,
                            initial_policy=lambda: None, cfg=SimpleNamespace(model=SimpleNamespace(device="cpu")))
+
+
+def only_error_line(capsys, main, argv) -> str:
+    """Run the CLI entry ``main(argv)`` expecting a usage or data error: exit status 2 and exactly
+    one non-empty stderr line, returned."""
+    import pytest
+
+    with pytest.raises(SystemExit) as e:
+        main(argv)
+    assert e.value.code == 2
+    lines = [ln for ln in capsys.readouterr().err.splitlines() if ln.strip()]
+    assert len(lines) == 1, lines
+    return lines[0]

@@ -21,7 +21,8 @@ import sys
 from pathlib import Path
 
 from finegrain.cli.outputs import check_input_file, check_output_dir
-from finegrain.cli.prm_cmd import _OneLineParser, _check_model_path, _load, _positive, _task
+from finegrain.cli.prm_cmd import (_OneLineParser, _check_model_path, _load, _positive, _task,
+                                   run_with_one_line_errors)
 
 
 def add_parser(subparsers):
@@ -118,9 +119,9 @@ def _train(args) -> None:
             _check_model_path(flag, path)                     # every path checked before any model loads
     out = check_judge_out_dir(check_output_dir("--out", args.out))
     task = _task(args)
-    RuleJudge(task)                                            # a task without step labels fails here, in one line
+    rule = RuleJudge(task)                                     # a task without step labels fails here, in one line
     rubric = load_rubric(args.rubric_file) if args.rubric_file else Rubric()
-    judge = Judge(RuleJudge(task), task, level=args.level, rubric=rubric)
+    judge = Judge(rule, task, level=args.level, rubric=rubric)
     log = (lambda msg: None) if args.no_progress else (lambda msg: print(msg, file=sys.stderr, flush=True))
 
     pairs = _responses(args, task, log)
@@ -166,13 +167,7 @@ def run(args) -> None:
     from transformers.utils import logging as hf_logging
 
     hf_logging.disable_progress_bar()  # per-file "Writing model shards" bars drown the command's own progress
-    try:
-        _train(args)
-    except (ValueError, OSError, KeyError) as e:
-        msg = e.args[0] if isinstance(e, KeyError) and e.args else str(e)
-        lines = str(msg).splitlines()
-        print(f"finegrain judge: error: {lines[0] if lines else type(e).__name__}", file=sys.stderr)
-        raise SystemExit(2) from None
+    run_with_one_line_errors("finegrain judge", _train, args)
 
 
 def main(argv: list[str] | None = None) -> None:

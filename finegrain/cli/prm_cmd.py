@@ -450,16 +450,21 @@ def _score_discriminative(args, rows) -> None:
     print(f"scored {len(rows)} responses -> {out}")
 
 
-def run(args) -> None:
-    """Execute a parsed ``prm`` command. Errors (bad file, flag or model) print one line
-    'finegrain prm: error: ...' to stderr and exit with status 2."""
+def run_with_one_line_errors(prog: str, fn, args) -> None:
+    """``fn(args)``; a ValueError, OSError or KeyError (bad file, flag or model) prints one line
+    '<prog>: error: ...' to stderr and exits with status 2."""
     try:
-        (_train if args.prm_cmd == "train" else _score)(args)
+        fn(args)
     except (ValueError, OSError, KeyError) as e:
         msg = e.args[0] if isinstance(e, KeyError) and e.args else str(e)
         lines = str(msg).splitlines()
-        print(f"finegrain prm: error: {lines[0] if lines else type(e).__name__}", file=sys.stderr)
+        print(f"{prog}: error: {lines[0] if lines else type(e).__name__}", file=sys.stderr)
         raise SystemExit(2) from None
+
+
+def run(args) -> None:
+    """Execute a parsed ``prm`` command; errors are one line 'finegrain prm: error: ...', exit 2."""
+    run_with_one_line_errors("finegrain prm", _train if args.prm_cmd == "train" else _score, args)
 
 
 def main(argv: list[str] | None = None) -> None:

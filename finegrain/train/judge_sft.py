@@ -16,7 +16,8 @@ or a missing item is a disagreement, counted in ``unparsable`` / ``missing``)::
     agreement = (1/N) Σ_n 1[ŝ_n = s_n]
     tpr       = #{ŝ = 1, s = 1} / #{s = 1}          (right steps judged right)
     tnr       = #{ŝ = 0, s = 0} / #{s = 0}          (wrong steps judged wrong)
-    κ         = (p_o − p_e) / (1 − p_e),  p_e = q̂ q + (1 − q̂)(1 − q)   (Cohen 1960; q̂, q = rates of 1)
+    κ         = (p_o − p_e) / (1 − p_e),  p_e = q̂₁ q + q̂₀ (1 − q)      (Cohen 1960)
+                q = exact rate of 1; q̂₁, q̂₀ = judged rates of 1 and 0 (a missing verdict is neither)
 
 Choices and departures (no paper trains a judge this way; the pieces are standard):
 
@@ -33,8 +34,6 @@ from __future__ import annotations
 
 import json
 import math
-import os
-import shutil
 import time
 from pathlib import Path
 from typing import Sequence
@@ -43,7 +42,7 @@ from finegrain.progress import Progress
 from finegrain.rewards.judge import HFJudge, JudgeRequest, judge_prompt_ids, parse_verdict
 from finegrain.rewards.judge_data import VerdictRow
 from finegrain.sampling import SamplingParams
-from finegrain.train.prm_discriminative import json_safe, replace_dir
+from finegrain.train.prm_discriminative import check_replaceable_dir, json_safe, replace_dir, staging_dir
 from finegrain.train.sft import run_sft_rows
 
 INFO_FILE = "finegrain_judge.json"
@@ -80,8 +79,8 @@ def agreement(predicted: Sequence[float | None], exact: Sequence[int]) -> dict[s
     tp = sum(h == 1 and y == 1 for h, y in zip(hat, exact))
     tn = sum(h == 0 and y == 0 for h, y in zip(hat, exact))
     p_o = agree / n
-    q_hat, q = sum(h == 1 for h in hat) / n, pos / n
-    p_e = q_hat * q + (1 - q_hat - sum(h is None for h in hat) / n) * (1 - q)  # "no verdict" agrees with nothing
+    q, q1, q0 = pos / n, sum(h == 1 for h in hat) / n, sum(h == 0 for h in hat) / n  # "no verdict" is neither
+    p_e = q1 * q + q0 * (1 - q)
     return {"agreement": p_o, "tpr": tp / pos if pos else float("nan"),
             "tnr": tn / (n - pos) if n - pos else float("nan"),
             "kappa": (p_o - p_e) / (1 - p_e) if p_e < 1 else float("nan"),
@@ -118,11 +117,7 @@ def is_judge_dir(path: str | Path) -> bool:
 def check_judge_out_dir(out_dir: str | Path) -> Path:
     """``out_dir`` may not exist, be empty, or hold an earlier fine-tuned judge (which is replaced);
     anything else is refused (ValueError) so that no unrelated directory is ever overwritten."""
-    out = Path(out_dir)
-    if out.exists() and (not out.is_dir() or (any(out.iterdir()) and not is_judge_dir(out))):
-        raise ValueError(f"--out: '{out}' exists and is not an empty directory or a fine-tuned judge "
-                         f"(no {INFO_FILE}); use a new directory")
-    return out
+    return check_replaceable_dir(out_dir, is_judge_dir, f"a fine-tuned judge (no {INFO_FILE})")
 
 
 def train_judge(model, tokenizer, rows: Sequence[VerdictRow], *, out_dir: str | Path, rubric: dict,
@@ -183,10 +178,7 @@ def train_judge(model, tokenizer, rows: Sequence[VerdictRow], *, out_dir: str | 
                                 progress=progress)
         metrics["final"] = {f"eval/{k}": v for k, v in after.items()}
         say("held-out: " + "  ".join(f"{k} {after[k]:.4f}" for k in ("agreement", "tpr", "tnr", "kappa", "unparsable")))
-    out_dir.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out_dir.with_name(f".{out_dir.name}.tmp-{os.getpid()}")
-    if tmp.exists():
-        shutil.rmtree(tmp)
+    tmp = staging_dir(out_dir)
     model.save_pretrained(tmp)
     tokenizer.save_pretrained(tmp)
     (tmp / RUBRIC_FILE).write_text(json.dumps(rubric, indent=2) + "\n")

@@ -116,7 +116,7 @@ def json_safe(value):
 
 
 def replace_dir(tmp: Path, out_dir: Path) -> None:
-    """Move the finished ``tmp`` onto ``out_dir`` (an earlier PRM there is moved aside first, then removed)."""
+    """Move the finished ``tmp`` onto ``out_dir`` (an earlier output there is moved aside first, then removed)."""
     old = out_dir.with_name(f".{out_dir.name}.old-{os.getpid()}")
     if out_dir.exists():
         os.replace(out_dir, old)
@@ -125,14 +125,30 @@ def replace_dir(tmp: Path, out_dir: Path) -> None:
         shutil.rmtree(old)
 
 
-def check_disc_out_dir(out_dir: str | Path) -> Path:
-    """``out_dir`` may not exist, be empty, or hold an earlier discriminative PRM (which is replaced);
-    anything else is refused (ValueError) so that no unrelated directory is ever overwritten."""
+def check_replaceable_dir(out_dir: str | Path, is_ours, what: str) -> Path:
+    """``out_dir`` may not exist, be empty, or hold an earlier output of this kind (``is_ours(path)``;
+    it is replaced); anything else is refused (ValueError naming ``what``) so that no unrelated
+    directory is ever overwritten."""
     out = Path(out_dir)
-    if out.exists() and (not out.is_dir() or (any(out.iterdir()) and not is_disc_prm_dir(out))):
-        raise ValueError(f"--out: '{out}' exists and is not an empty directory or a discriminative PRM "
-                         f"(no {INFO_FILE} with kind 'discriminative'); use a new directory")
+    if out.exists() and (not out.is_dir() or (any(out.iterdir()) and not is_ours(out))):
+        raise ValueError(f"--out: '{out}' exists and is not an empty directory or {what}; use a new directory")
     return out
+
+
+def staging_dir(out_dir: Path) -> Path:
+    """An empty temporary directory beside ``out_dir`` to write the output into (``replace_dir`` then
+    moves it onto ``out_dir``); a stale one from a killed run of this process id is removed."""
+    out_dir.parent.mkdir(parents=True, exist_ok=True)
+    tmp = out_dir.with_name(f".{out_dir.name}.tmp-{os.getpid()}")
+    if tmp.exists():
+        shutil.rmtree(tmp)
+    return tmp
+
+
+def check_disc_out_dir(out_dir: str | Path) -> Path:
+    """``check_replaceable_dir`` for a discriminative PRM."""
+    return check_replaceable_dir(out_dir, is_disc_prm_dir,
+                                 f"a discriminative PRM (no {INFO_FILE} with kind 'discriminative')")
 
 
 def train_disc_prm(model: StepClassifier, tokenizer, rows: Sequence[StepRow], *, out_dir: str | Path,
@@ -211,10 +227,7 @@ def train_disc_prm(model: StepClassifier, tokenizer, rows: Sequence[StepRow], *,
             fit_row(epoch, {**{f"train/{k}": v / n for k, v in sums.items()}, "train/steps": n,
                             "seconds": time.time() - t0})
     model.eval()
-    out_dir.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out_dir.with_name(f".{out_dir.name}.tmp-{os.getpid()}")
-    if tmp.exists():
-        shutil.rmtree(tmp)
+    tmp = staging_dir(out_dir)
     model.save(tmp, tokenizer, {**(info or {}), **settings})
     report = json_safe({"epochs": history, "final": history[-1], "settings": settings})
     (tmp / METRICS_FILE).write_text(json.dumps(report, indent=2, allow_nan=False) + "\n")

@@ -12,6 +12,7 @@ from finegrain.cli import prm_cmd
 from finegrain.cli.prm_cmd import main
 from finegrain.models.tiny import tiny_causal_lm
 from finegrain.models.tokenizer import char_tokenizer
+from tests import helpers
 
 REPO = Path(__file__).resolve().parents[2]
 SAMPLE = REPO / "examples" / "prm_arith_sample.jsonl"
@@ -129,13 +130,7 @@ def loads(monkeypatch):
 
 
 def only_error_line(capsys, argv):
-    """Exit status 2 and exactly one non-empty stderr line, returned."""
-    with pytest.raises(SystemExit) as e:
-        main(argv)
-    assert e.value.code == 2
-    lines = [ln for ln in capsys.readouterr().err.splitlines() if ln.strip()]
-    assert len(lines) == 1, lines
-    return lines[0]
+    return helpers.only_error_line(capsys, main, argv)
 
 
 def test_spy_sees_the_loader_when_the_paths_are_good(tmp_path, model_dir, loads):

@@ -20,7 +20,7 @@ from finegrain.compare import runs as R
 from finegrain.compare.summary import (Curve, RunResult, eval_curve, mean_curve, ratio, rollouts_to_target,
                                        summarize, t_interval, t_quantile_975, table_rows)
 from finegrain.config import apply_overrides, to_dict
-from tests.helpers import ATOL, RTOL
+from tests.helpers import ATOL, RTOL, only_error_line
 
 REPO = Path(__file__).resolve().parents[2]
 
@@ -42,13 +42,7 @@ def argv(out, *extra_sets):
 
 
 def error_line(capsys, args):
-    """Run the CLI expecting a refusal: exit status 2 and exactly one stderr line."""
-    with pytest.raises(SystemExit) as e:
-        main(args)
-    assert e.value.code == 2
-    lines = [ln for ln in capsys.readouterr().err.splitlines() if ln.strip()]
-    assert len(lines) == 1, lines
-    return lines[0]
+    return only_error_line(capsys, main, args)
 
 
 def snapshot(run_dir: Path) -> tuple:

@@ -20,7 +20,7 @@ from finegrain.rewards.judge_data import compact_verdict, split_by_response, ver
 from finegrain.tasks import TASKS
 from finegrain.tasks.base import STEP_CORRECT
 from finegrain.train.judge_sft import agreement, check_judge_out_dir, encode_verdict_row
-from tests.helpers import judge_ctx
+from tests.helpers import judge_ctx, only_error_line
 
 REPO = Path(__file__).resolve().parents[2]
 COMPACT = REPO / "examples" / "rubrics" / "arith_step_compact.yaml"
@@ -190,12 +190,7 @@ def test_judge_train_over_an_earlier_judge_replaces_it(trained, tmp_path):
 
 
 def error_line(capsys, argv):
-    with pytest.raises(SystemExit) as e:
-        main(argv)
-    assert e.value.code == 2
-    lines = [ln for ln in capsys.readouterr().err.splitlines() if ln.strip()]
-    assert len(lines) == 1, lines
-    return lines[0]
+    return only_error_line(capsys, main, argv)
 
 
 def test_judge_train_errors_are_one_line_and_write_nothing(tmp_path, capsys):
